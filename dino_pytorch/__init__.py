@@ -1,0 +1,20 @@
+"""dino-pytorch: DINO self-supervised learning, composable and numerically official."""
+from ._version import __version__
+from .dino import DINO
+from .head import DINOHead
+from .loss import DINOLoss
+from .schedules import cosine_scheduler
+from .teacher import EMATeacher
+from .transforms import MultiCropTransform
+from .wrapper import MultiCropWrapper
+
+__all__ = [
+    "__version__",
+    "DINO",
+    "DINOHead",
+    "DINOLoss",
+    "EMATeacher",
+    "MultiCropTransform",
+    "MultiCropWrapper",
+    "cosine_scheduler",
+]

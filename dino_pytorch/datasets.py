@@ -1,0 +1,80 @@
+"""Datasets: Fashion-MNIST read straight from the Debian package's idx files, and ImageFolder."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# Mean/std of the 60k training images in [0, 1].
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+_INSTALL_HINT = (
+    "install the Debian package with `sudo apt-get install -y dataset-fashion-mnist` "
+    "(it puts the idx files in /usr/share/datasets/fashion-mnist), or pass root= / set "
+    "FASHION_MNIST_DIR to a folder holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
+)
+
+
+def _open(path: Path) -> bytes:
+    for candidate in (path, path.with_suffix(path.suffix + ".gz")):
+        if candidate.exists():
+            opener = gzip.open if candidate.suffix == ".gz" else open
+            with opener(candidate, "rb") as f:
+                return f.read()
+    raise FileNotFoundError(f"Fashion-MNIST file {path}[.gz] not found: {_INSTALL_HINT}")
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """An idx file (optionally gzipped) as a uint8 array: images (N, 28, 28) or labels (N,)."""
+    data = _open(Path(path))
+    magic = int.from_bytes(data[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte
+        raise ValueError(f"{path}: not a uint8 idx file (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    array = np.frombuffer(data, dtype=np.uint8, offset=offset)
+    if array.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: truncated idx file ({array.size} values, header says {dims})")
+    return array.reshape(dims)
+
+
+def load_fashion_mnist(train: bool = True, root: Optional[Union[str, Path]] = None) -> tuple[Tensor, Tensor]:
+    """All images as a uint8 (N, 1, 28, 28) tensor and labels as int64 (N,)."""
+    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    split = "train" if train else "t10k"
+    images = read_idx(root / f"{split}-images-idx3-ubyte")
+    labels = read_idx(root / f"{split}-labels-idx1-ubyte")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from idx files; items are ``(transform(image), label)``.
+
+    ``image`` is a uint8 (1, 28, 28) tensor, which :class:`~dino_pytorch.MultiCropTransform` and
+    torchvision v2 transforms accept directly.
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, train: bool = True, transform: Optional[Callable] = None, root: Optional[Union[str, Path]] = None) -> None:
+        self.images, self.labels = load_fashion_mnist(train, root)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        return (self.transform(image) if self.transform is not None else image), int(self.labels[index])

@@ -1,0 +1,40 @@
+"""Guarded collectives: every helper is a no-op without an initialised process group.
+
+The official code calls ``dist.all_reduce`` unconditionally, so single-process runs need a fake
+process group. Everything in this package goes through these helpers instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a default process group exists (and more than zero ranks take part)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over all ranks; returns it. Identity without a process group."""
+    if is_distributed() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Max of ``tensor`` in place over all ranks; returns it. Identity without a process group."""
+    if is_distributed() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor

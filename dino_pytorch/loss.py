@@ -1,0 +1,281 @@
+"""DINOLoss: centring (or Sinkhorn-Knopp), sharpening and the multi-view cross-entropy."""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .ops import centered_teacher_softmax, multiview_cross_entropy, sinkhorn_knopp
+from .schedules import teacher_temp_schedule
+
+Views = Union[Tensor, Sequence[Tensor]]
+
+
+def _check_temperature(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r}, expected a finite number > 0")
+    return float(value)
+
+
+class DINOLoss(nn.Module):
+    """The DINO loss of Caron et al. (2021), numerically compatible with the official one.
+
+    ``P_t = softmax((g_t - c) / tau_t)``, ``log P_s = log_softmax(g_s / tau_s)``, and the loss is the
+    mean over all (teacher view i, student view v != i) pairs of ``E_batch[-<P_t^i, log P_s^v>]``.
+    The centre ``c`` is an EMA of the raw teacher logits (all ranks' rows) and the loss always uses
+    the centre from before this step's update.
+
+    The constructor takes the official positional signature, so ``DINOLoss(out_dim, ncrops,
+    warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)`` is a drop-in swap;
+    ``DINOLoss(65536)`` works too (constant teacher temperature 0.04).
+
+    Args:
+        out_dim: K, the number of prototypes.
+        ncrops: total number of student views V. Needed only to split concatenated (V*B, K) input
+            when it is not the official layout of 2 teacher views; ``None`` infers it.
+        warmup_teacher_temp: teacher temperature at epoch 0 of the warm-up.
+        teacher_temp: teacher temperature after the warm-up.
+        warmup_teacher_temp_epochs: length of the linear warm-up (endpoint included, as official).
+        nepochs: schedule length; an ``epoch >= nepochs`` raises. ``None``: the temperature stays
+            at ``teacher_temp`` after the warm-up for ever.
+        student_temp: tau_s.
+        center_momentum: EMA momentum m of the centre, ``c <- m c + (1 - m) mean(g_t)``.
+        centering: ``"centering"`` (official EMA centre) or ``"sinkhorn_knopp"`` (DINOv2; the centre
+            is then neither used nor updated).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (DINOv2: 3).
+        center_update: ``"forward"`` (official: every training-mode forward updates the centre) or
+            ``"manual"``: forwards only accumulate the teacher statistics and :meth:`update_center`
+            applies them once, e.g. once per optimizer step under gradient accumulation, where
+            4 micro-batches of B then give the same centre as one batch of 4B.
+
+    Shapes:
+        student_output: (V*B, K) crop-major (rows [vB:(v+1)B] are view v), or a list of V (B, K).
+        teacher_output: (T*B, K) crop-major, or a list of T (B, K), T <= V. Teacher view i is the
+            same image view as student view i, and those pairs are skipped.
+        returns: a 0-dim float32 tensor.
+    """
+
+    center: Tensor
+
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: Optional[int] = None,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        nepochs: Optional[int] = None,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        *,
+        centering: Literal["centering", "sinkhorn_knopp"] = "centering",
+        sinkhorn_iterations: int = 3,
+        center_update: Literal["forward", "manual"] = "forward",
+    ) -> None:
+        super().__init__()
+        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
+            raise ValueError(f"out_dim={out_dim!r}, expected a positive int")
+        if ncrops is not None and (isinstance(ncrops, bool) or not isinstance(ncrops, int) or ncrops < 2):
+            raise ValueError(f"ncrops={ncrops!r}, expected None or an int >= 2 (DINO needs two views)")
+        if not isinstance(warmup_teacher_temp_epochs, int) or warmup_teacher_temp_epochs < 0:
+            raise ValueError(f"warmup_teacher_temp_epochs={warmup_teacher_temp_epochs!r}, expected an int >= 0")
+        if nepochs is not None and (not isinstance(nepochs, int) or nepochs < 1):
+            raise ValueError(f"nepochs={nepochs!r}, expected None or a positive int")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum={center_momentum!r}, expected a value in [0, 1]")
+        if centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"centering={centering!r}, expected 'centering' or 'sinkhorn_knopp'")
+        if center_update not in ("forward", "manual"):
+            raise ValueError(f"center_update={center_update!r}, expected 'forward' or 'manual'")
+        if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations={sinkhorn_iterations!r}, expected an int >= 1")
+        self.out_dim = out_dim
+        self.ncrops = ncrops
+        self.student_temp = _check_temperature("student_temp", student_temp)
+        self.teacher_temp = _check_temperature("teacher_temp", teacher_temp)
+        self.warmup_teacher_temp = _check_temperature("warmup_teacher_temp", warmup_teacher_temp)
+        self.center_momentum = float(center_momentum)
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.center_update = center_update
+        self.nepochs = nepochs
+        # Plain Python floats, not a numpy array: no host round trip, and torch.compile friendly.
+        length = nepochs if nepochs is not None else warmup_teacher_temp_epochs
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, length
+        )
+        self._needs_epoch = warmup_teacher_temp_epochs > 0 and warmup_teacher_temp != teacher_temp
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # Pending centre statistics: not in the state_dict, so `center` stays its only entry
+        # (an official checkpoint's `dino_loss` entry loads as is).
+        self.register_buffer("_center_sum", torch.zeros(1, out_dim), persistent=False)
+        self._center_rows = 0
+
+    # -- teacher temperature -------------------------------------------------------------------
+    def teacher_temp_at(self, epoch: Optional[int]) -> float:
+        """The scheduled teacher temperature for ``epoch`` (an int, as official)."""
+        if epoch is None:
+            if self._needs_epoch:
+                raise ValueError(
+                    "epoch=None, but a teacher temperature warm-up is configured: pass epoch= "
+                    "(an int) or teacher_temp= to forward()"
+                )
+            return self.teacher_temp
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r}, expected a non-negative int")
+        if self.nepochs is not None and epoch >= self.nepochs:
+            raise ValueError(
+                f"epoch={epoch} is beyond the teacher temperature schedule of nepochs={self.nepochs}; "
+                f"expected 0 <= epoch < {self.nepochs}"
+            )
+        if epoch < len(self.teacher_temp_schedule):
+            return self.teacher_temp_schedule[epoch]
+        return self.teacher_temp
+
+    # -- input handling ------------------------------------------------------------------------
+    def _split(self, name: str, output: Views, num_views: Optional[int] = None, batch: Optional[int] = None) -> list[Tensor]:
+        """Per-view (B, K) tensors of ``output``; a concatenated tensor is cut by view count or by B."""
+        if isinstance(output, Tensor):
+            if output.ndim != 2:
+                raise ValueError(f"{name} has shape {tuple(output.shape)}, expected (views*B, {self.out_dim})")
+            rows = output.shape[0]
+            if num_views is None:
+                num_views = rows // batch if batch else 0
+            if num_views < 1 or rows % num_views != 0 or (batch is not None and rows != num_views * batch):
+                what = f"views of batch size {batch}" if batch is not None else f"{num_views} views"
+                raise ValueError(
+                    f"{name} has {rows} rows, which do not split into {what}; "
+                    "expected crop-major (views*B, K) rows"
+                )
+            views = list(output.chunk(num_views))
+        elif isinstance(output, (list, tuple)):
+            views = list(output)
+            if not all(isinstance(v, Tensor) for v in views):
+                types = sorted({type(v).__name__ for v in views})
+                raise TypeError(f"{name} is a list holding {types}, expected a list of (B, K) tensors")
+            if not views:
+                raise ValueError(f"{name} is an empty list, expected (B, K) tensors")
+        else:
+            raise TypeError(f"{name} is a {type(output).__name__}, expected a Tensor or a list of Tensors")
+        for i, v in enumerate(views):
+            if v.ndim != 2 or v.shape[-1] != self.out_dim:
+                raise ValueError(
+                    f"{name} view {i} has shape {tuple(v.shape)}, expected (B, out_dim={self.out_dim})"
+                )
+            if not v.is_floating_point():
+                raise TypeError(f"{name} view {i} has dtype {v.dtype}, expected a floating dtype (logits)")
+        return views
+
+    def _views(self, student_output: Views, teacher_output: Views) -> tuple[list[Tensor], list[Tensor]]:
+        if not isinstance(student_output, Tensor) or self.ncrops is not None:
+            student = self._split("student_output", student_output, num_views=self.ncrops)
+            teacher = self._split("teacher_output", teacher_output, batch=student[0].shape[0])
+        elif not isinstance(teacher_output, Tensor):
+            teacher = self._split("teacher_output", teacher_output)
+            student = self._split("student_output", student_output, batch=teacher[0].shape[0])
+        else:
+            # Both concatenated and ncrops unknown: the official layout, two global teacher views.
+            teacher = self._split("teacher_output", teacher_output, num_views=2)
+            student = self._split("student_output", student_output, batch=teacher[0].shape[0])
+        if self.ncrops is not None and len(student) != self.ncrops:
+            raise ValueError(f"student_output has {len(student)} views, expected ncrops={self.ncrops}")
+        batch_sizes = [v.shape[0] for v in student] + [v.shape[0] for v in teacher]
+        if len(set(batch_sizes)) != 1:
+            raise ValueError(
+                f"views have mismatched batch sizes: student {[v.shape[0] for v in student]}, "
+                f"teacher {[v.shape[0] for v in teacher]}; expected one batch size B"
+            )
+        if batch_sizes[0] == 0:
+            raise ValueError("views have batch size 0, expected B >= 1 (a mean over no rows is NaN)")
+        if len(student) < 2:
+            raise ValueError(
+                f"student_output has {len(student)} view(s) in total, expected at least 2: "
+                "DINO compares different views of an image"
+            )
+        if len(teacher) > len(student):
+            raise ValueError(
+                f"teacher_output has {len(teacher)} views but student_output only {len(student)}; "
+                "expected the teacher views to be the first student views"
+            )
+        return student, teacher
+
+    # -- centre --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def accumulate_center(self, teacher_output: Views) -> None:
+        """Add the teacher logits' row sum to the pending centre statistics (no update yet).
+
+        Args:
+            teacher_output: (N, K) raw teacher logits, or a list of (B, K).
+        """
+        views = [teacher_output] if isinstance(teacher_output, Tensor) else list(teacher_output)
+        for v in views:
+            self._center_sum.add_(torch.sum(v.detach().float(), dim=0, keepdim=True))
+            self._center_rows += v.shape[0]
+
+    @torch.no_grad()
+    def update_center(self) -> None:
+        """Apply the pending statistics: ``c <- m c + (1 - m) mean`` over all ranks' rows.
+
+        With a process group, the row sums and row counts are summed over ranks first, so the mean
+        is exact even when ranks hold different batch sizes. A no-op when nothing is pending.
+        """
+        if self._center_rows == 0:
+            return
+        if distributed.is_distributed() and distributed.get_world_size() > 1:
+            packed = torch.cat(
+                [self._center_sum.flatten(), self._center_sum.new_tensor([float(self._center_rows)])]
+            )
+            distributed.all_reduce_sum(packed)
+            batch_center = packed[:-1].reshape(1, -1) / packed[-1]
+        else:
+            batch_center = self._center_sum / self._center_rows
+        m = self.center_momentum
+        # Same op order as official (c*m + b*(1-m)), in place so the buffer keeps its identity.
+        self.center.mul_(m).add_(batch_center * (1 - m))
+        self._center_sum.zero_()
+        self._center_rows = 0
+
+    # -- forward -------------------------------------------------------------------------------
+    def teacher_probs(self, teacher_views: Sequence[Tensor], teacher_temp: float) -> list[Tensor]:
+        """Teacher targets for each teacher view: list of (B, K) float32 probabilities."""
+        if self.centering == "sinkhorn_knopp":
+            q = sinkhorn_knopp(torch.cat(list(teacher_views)), teacher_temp, self.sinkhorn_iterations)
+            return list(q.chunk(len(teacher_views)))
+        return [centered_teacher_softmax(t, self.center, teacher_temp) for t in teacher_views]
+
+    def forward(
+        self,
+        student_output: Views,
+        teacher_output: Views,
+        epoch: Optional[int] = None,
+        *,
+        teacher_temp: Optional[float] = None,
+    ) -> Tensor:
+        """Loss of the student views against the teacher views; see the class docstring for shapes.
+
+        Args:
+            student_output: (V*B, K) or list of V (B, K) student logits.
+            teacher_output: (T*B, K) or list of T (B, K) teacher logits (T <= V).
+            epoch: index into the teacher temperature schedule (official semantics).
+            teacher_temp: a temperature for this call, overriding the schedule (per-step schedules).
+        """
+        student, teacher = self._views(student_output, teacher_output)
+        temp = self.teacher_temp_at(epoch) if teacher_temp is None else _check_temperature("teacher_temp", teacher_temp)
+        probs = self.teacher_probs(teacher, temp)  # uses the centre from before this step
+        loss = multiview_cross_entropy(student, probs, self.student_temp)
+        if self.training and self.centering == "centering":
+            # One sum over the concatenated rows when we have them, exactly as official.
+            self.accumulate_center(teacher_output if isinstance(teacher_output, Tensor) else teacher)
+            if self.center_update == "forward":
+                self.update_center()
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"out_dim={self.out_dim}, ncrops={self.ncrops}, student_temp={self.student_temp}, "
+            f"teacher_temp={self.teacher_temp}, centering={self.centering!r}, "
+            f"center_momentum={self.center_momentum}, center_update={self.center_update!r}"
+        )

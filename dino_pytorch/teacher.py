@@ -1,0 +1,132 @@
+"""EMATeacher: a frozen copy of the student, updated as an exponential moving average."""
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import cosine_value
+
+
+def _check_momentum(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value!r}, expected a momentum in [0, 1]")
+    return float(value)
+
+
+def _grouped(pairs: list[tuple[Tensor, Tensor]]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
+    # foreach kernels take one device and dtype per call; group once per update.
+    groups: dict[Any, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+    for t, s in pairs:
+        teacher_list, student_list = groups[(t.device, t.dtype)]
+        teacher_list.append(t)
+        student_list.append(s)
+    return dict(groups)
+
+
+class EMATeacher(nn.Module):
+    """A frozen deep copy of ``student`` at ``.module``, updated by ``t <- m t + (1 - m) s``.
+
+    ``parameters()`` are the teacher's, none requiring grad. :meth:`update` does the EMA of all
+    parameters in one ``torch._foreach_lerp_`` pass per (device, dtype) group. Without an explicit
+    momentum it follows the official per-step cosine schedule from ``momentum`` to
+    ``final_momentum`` over ``total_steps`` (constant ``momentum`` when ``total_steps`` is None).
+
+    Args:
+        student: the module to copy (e.g. a :class:`MultiCropWrapper`); kept by reference for
+            :meth:`update` when no student is passed there.
+        momentum: base EMA momentum (official ``momentum_teacher`` 0.996).
+        final_momentum: momentum at the end of the cosine schedule (official 1.0).
+        total_steps: schedule length in optimizer steps (``epochs * iterations_per_epoch``).
+        buffers: ``"keep"`` (official: the teacher's buffers, e.g. BN running stats, are its own),
+            ``"copy"`` (copied from the student at each update) or ``"ema"`` (floating buffers
+            averaged like parameters, others copied).
+
+    Shapes: whatever ``student`` takes and returns; forward runs under ``torch.no_grad()``.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        total_steps: Optional[int] = None,
+        buffers: Literal["keep", "copy", "ema"] = "keep",
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student is a {type(student).__name__}, expected an nn.Module")
+        self.momentum = _check_momentum("momentum", momentum)
+        self.final_momentum = _check_momentum("final_momentum", final_momentum)
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps={total_steps!r}, expected None or a positive int")
+        if buffers not in ("keep", "copy", "ema"):
+            raise ValueError(f"buffers={buffers!r}, expected 'keep', 'copy' or 'ema'")
+        self.total_steps = total_steps
+        self.buffers_mode = buffers
+        self.module = copy.deepcopy(student)
+        self.module.requires_grad_(False)
+        # Not a submodule: the student's parameters must not show up in the teacher's.
+        object.__setattr__(self, "_student", student)
+        self.step = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def momentum_at(self, step: int) -> float:
+        """Scheduled momentum at optimizer step ``step`` (official cosine, per step)."""
+        if self.total_steps is None:
+            return self.momentum
+        return cosine_value(self.momentum, self.final_momentum, step, self.total_steps)
+
+    def _pairs(self, student: nn.Module) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
+        t_params, s_params = list(self.module.parameters()), list(student.parameters())
+        t_bufs, s_bufs = list(self.module.buffers()), list(student.buffers())
+        if len(t_params) != len(s_params) or any(t.shape != s.shape for t, s in zip(t_params, s_params)):
+            raise ValueError(
+                "student does not match the teacher's architecture (parameter count or shapes "
+                "differ); expected the module the teacher was copied from"
+            )
+        if any(t is s for t, s in zip(t_params, s_params)):
+            raise ValueError("the teacher shares parameter tensors with the student; expected a separate copy")
+        return list(zip(t_params, s_params)), list(zip(t_bufs, s_bufs))
+
+    @torch.no_grad()
+    def update(self, student: Optional[nn.Module] = None, momentum: Optional[float] = None) -> float:
+        """One EMA step ``t <- m t + (1 - m) s`` over all parameters; returns the m used.
+
+        Args:
+            student: the student module (default: the one given at construction).
+            momentum: m for this step; default: the schedule at the current step.
+        """
+        student = self._student if student is None else student
+        m = self.momentum_at(self.step) if momentum is None else _check_momentum("momentum", momentum)
+        params, buffers = self._pairs(student)
+        for teacher_list, student_list in _grouped(params).values():
+            # lerp(t, s, 1-m) = t + (1-m)(s - t): one read of each tensor, no temporaries.
+            torch._foreach_lerp_(teacher_list, [s.detach() for s in student_list], 1.0 - m)
+        if self.buffers_mode != "keep":
+            for t, s in buffers:
+                if self.buffers_mode == "ema" and t.is_floating_point():
+                    t.lerp_(s.to(t.dtype), 1.0 - m)
+                else:
+                    t.copy_(s)
+        self.step += 1
+        return m
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"momentum={self.momentum}, final_momentum={self.final_momentum}, "
+            f"total_steps={self.total_steps}, buffers={self.buffers_mode!r}"
+        )

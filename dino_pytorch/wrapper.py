@@ -1,0 +1,87 @@
+"""MultiCropWrapper: one backbone forward per resolution, one head forward for all views."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+
+def backbone_tensor(output: object, where: str = "backbone") -> Tensor:
+    """The feature tensor of a backbone's output: a Tensor, or element 0 of a tuple/list (XCiT)."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        output = output[0]
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"{where} returned {type(output).__name__}, expected a (N, D) Tensor (or a tuple whose "
+            "first element is one); wrap the model so its forward returns features, or use "
+            "dino_pytorch.backbones.BackboneFeatures"
+        )
+    if output.ndim != 2:
+        raise ValueError(
+            f"{where} returned shape {tuple(output.shape)}, expected (N, D) pooled features; "
+            "dino_pytorch.backbones.BackboneFeatures pools feature maps and token sequences"
+        )
+    return output
+
+
+def group_by_shape(views: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of the views grouped by their per-sample shape, groups in order of first appearance.
+
+    Unlike the official wrapper (consecutive runs of equal *width* only), equal sizes are batched
+    together wherever they sit in the list, and height and channels count too.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault(tuple(v.shape[1:]), []).append(i)
+    return list(groups.values())
+
+
+class MultiCropWrapper(nn.Module):
+    """Run a backbone on multi-crop views, batching equal sizes, then the head once.
+
+    The backbone is used as given: nothing on it is replaced (the official wrapper overwrites
+    ``backbone.fc`` and ``backbone.head``), so the trained weights live in the user's object. Give a
+    backbone whose forward returns (N, D) features (see :mod:`dino_pytorch.backbones`).
+
+    Shapes:
+        views: a list of V tensors (B, C, H_v, W_v) (all the same B), or one (B, C, H, W) tensor.
+        returns: (V*B, K) head output, crop-major in the input order (rows [vB:(v+1)B] are view v);
+            with ``return_backbone_feats=True`` also the (V*B, D) backbone features.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward_backbone(self, views: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        """(V*B, D) backbone features of all views, crop-major in the input order."""
+        if isinstance(views, Tensor):
+            views = [views]
+        if not isinstance(views, (list, tuple)) or not views:
+            raise TypeError(f"views is a {type(views).__name__}, expected a non-empty list of (B, C, H, W) tensors")
+        for i, v in enumerate(views):
+            if not isinstance(v, Tensor):
+                raise TypeError(f"views[{i}] is a {type(v).__name__}, expected a (B, C, H, W) tensor")
+        batch = views[0].shape[0]
+        if any(v.shape[0] != batch for v in views):
+            raise ValueError(
+                f"views have mismatched batch sizes {[v.shape[0] for v in views]}; expected one batch size B"
+            )
+        groups = group_by_shape(views)
+        if len(groups) == 1:
+            return backbone_tensor(self.backbone(torch.cat(list(views))))
+        per_view: list[Tensor] = [None] * len(views)  # type: ignore[list-item]
+        for idx in groups:
+            feats = backbone_tensor(self.backbone(torch.cat([views[i] for i in idx])))
+            for i, chunk in zip(idx, feats.split(batch)):
+                per_view[i] = chunk
+        return torch.cat(per_view)
+
+    def forward(
+        self, views: Union[Tensor, Sequence[Tensor]], return_backbone_feats: bool = False
+    ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        feats = self.forward_backbone(views)
+        out = self.head(feats)
+        return (out, feats) if return_backbone_feats else out
