@@ -16,11 +16,16 @@ from .wrapper import backbone_tensor
 CLASSIFIER_NAMES = ("fc", "head", "heads", "classifier")
 
 
+_PASSIVE = (nn.Dropout, nn.Identity, nn.Flatten)
+
+
 def _ends_in_linear(module: nn.Module) -> bool:
+    """A Linear, or a Sequential whose last non-passive layer is a Linear (VGG, MobileNet)."""
     if isinstance(module, nn.Linear):
         return True
-    if isinstance(module, nn.Sequential) and len(module) > 0:
-        return any(isinstance(m, nn.Linear) for m in module)
+    if isinstance(module, nn.Sequential):
+        active = [m for m in module if not isinstance(m, _PASSIVE)]
+        return bool(active) and isinstance(active[-1], nn.Linear)
     return False
 
 

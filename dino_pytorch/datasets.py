@@ -78,3 +78,27 @@ class FashionMNIST(Dataset):
     def __getitem__(self, index: int):
         image = self.images[index]
         return (self.transform(image) if self.transform is not None else image), int(self.labels[index])
+
+
+class SeededTransform(Dataset):
+    """Applies ``transform`` with torch's RNG seeded from (seed, epoch, index) for each sample.
+
+    Fed by :class:`~dino_pytorch.sampler.ResumableSampler` (which yields ``epoch * N + index``),
+    every sample's augmentation is a pure function of the run seed, the epoch and the index: the
+    same on any rank layout, worker count or after a resume.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int = 0) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int):
+        n = len(self)
+        epoch, index = divmod(int(key), n)
+        image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            # A large odd multiplier spreads (epoch, index) pairs over the seed space.
+            torch.manual_seed((self.seed * 1_000_003 + epoch * n + index) % (2**63 - 1))
+            return self.transform(image), label

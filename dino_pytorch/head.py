@@ -103,7 +103,9 @@ class DINOHead(nn.Module):
         """(N, in_dim) -> (N, out_dim) logits."""
         x = self.mlp(x)
         # eps 1e-12 underflows to 0 in float16; 1e-6 is the smallest safe clamp there (as DINOv2).
-        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        # Under autocast the norm runs in float32, so the official 1e-12 is kept there.
+        half = x.dtype == torch.float16 and not torch.is_autocast_enabled(x.device.type)
+        eps = 1e-6 if half else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
         return self.last_layer(x)
 

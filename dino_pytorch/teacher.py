@@ -45,6 +45,9 @@ class EMATeacher(nn.Module):
         buffers: ``"keep"`` (official: the teacher's buffers, e.g. BN running stats, are its own),
             ``"copy"`` (copied from the student at each update) or ``"ema"`` (floating buffers
             averaged like parameters, others copied).
+        disable_drop_path: set ``drop_prob = 0`` on every stochastic-depth module of the copy
+            (modules with a ``drop_prob`` attribute, as in timm and ``dino_pytorch.models``): the
+            official teacher is built without drop path while the student keeps it.
 
     Shapes: whatever ``student`` takes and returns; forward runs under ``torch.no_grad()``.
     """
@@ -56,6 +59,7 @@ class EMATeacher(nn.Module):
         final_momentum: float = 1.0,
         total_steps: Optional[int] = None,
         buffers: Literal["keep", "copy", "ema"] = "keep",
+        disable_drop_path: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -70,6 +74,10 @@ class EMATeacher(nn.Module):
         self.buffers_mode = buffers
         self.module = copy.deepcopy(student)
         self.module.requires_grad_(False)
+        if disable_drop_path:
+            for m in self.module.modules():
+                if isinstance(getattr(m, "drop_prob", None), float):
+                    m.drop_prob = 0.0
         # Not a submodule: the student's parameters must not show up in the teacher's.
         object.__setattr__(self, "_student", student)
         self.step = 0
@@ -109,7 +117,8 @@ class EMATeacher(nn.Module):
         params, buffers = self._pairs(student)
         for teacher_list, student_list in _grouped(params).values():
             # lerp(t, s, 1-m) = t + (1-m)(s - t): one read of each tensor, no temporaries.
-            torch._foreach_lerp_(teacher_list, [s.detach() for s in student_list], 1.0 - m)
+            # A student cast to another dtype (e.g. bf16) still updates a float32 teacher.
+            torch._foreach_lerp_(teacher_list, [s.detach().to(t.dtype) for t, s in zip(teacher_list, student_list)], 1.0 - m)
         if self.buffers_mode != "keep":
             for t, s in buffers:
                 if self.buffers_mode == "ema" and t.is_floating_point():

@@ -14,13 +14,13 @@ def backbone_tensor(output: object, where: str = "backbone") -> Tensor:
     if not isinstance(output, Tensor):
         raise TypeError(
             f"{where} returned {type(output).__name__}, expected a (N, D) Tensor (or a tuple whose "
-            "first element is one); wrap the model so its forward returns features, or use "
-            "dino_pytorch.backbones.BackboneFeatures"
+            "first element is one); wrap the model so its forward returns features, e.g. with "
+            "dino_pytorch.backbones.as_feature_extractor"
         )
     if output.ndim != 2:
         raise ValueError(
             f"{where} returned shape {tuple(output.shape)}, expected (N, D) pooled features; "
-            "dino_pytorch.backbones.BackboneFeatures pools feature maps and token sequences"
+            "pool feature maps or take the CLS token in the backbone's forward"
         )
     return output
 

@@ -175,3 +175,19 @@ def test_public_names():
                  "cosine_scheduler", "DINO"]:
         assert hasattr(dino_pytorch, name)
     assert (Path(dino_pytorch.__file__).parent / "py.typed").exists()
+
+
+def test_classifier_detection():
+    from dino_pytorch.backbones import find_classifier
+
+    class WithHead(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+    assert find_classifier(WithHead(nn.Linear(4, 2))) == "head"
+    vgg_like = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3), nn.Dropout())
+    assert find_classifier(WithHead(vgg_like)) == "head"
+    projection = nn.Sequential(nn.Linear(8, 8), nn.ReLU())  # ends in an activation: a feature layer
+    assert find_classifier(WithHead(projection)) is None
+    assert find_classifier(WithHead(nn.Identity())) is None

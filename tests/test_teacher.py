@@ -116,3 +116,27 @@ def test_bad_update_arguments():
         teacher.update(nn.Linear(3, 3))
     with pytest.raises(TypeError, match="nn.Module"):
         EMATeacher("student")
+
+
+def test_teacher_copy_has_no_drop_path():
+    class DropPath(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.drop_prob = p
+
+        def forward(self, x):
+            return x
+
+    student = nn.Sequential(nn.Linear(2, 2), DropPath(0.1))
+    assert EMATeacher(student).module[1].drop_prob == 0.0
+    assert student[1].drop_prob == 0.1
+    assert EMATeacher(student, disable_drop_path=False).module[1].drop_prob == 0.1
+
+
+def test_student_cast_to_bfloat16_still_updates_float32_teacher():
+    student = student_net()
+    teacher = EMATeacher(student)
+    student.to(torch.bfloat16)
+    teacher.update(momentum=0.0)
+    for k, q in zip(teacher.parameters(), student.parameters()):
+        assert k.dtype == torch.float32 and torch.equal(k, q.float())

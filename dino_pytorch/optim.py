@@ -1,0 +1,102 @@
+"""Optimizer pieces of the official recipe, without host syncs or per-step name scans."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """The official two groups: weight-decayed (ndim > 1, not a bias) and not (biases, 1-D).
+
+    Only parameters that require grad are included. As official, ``cls_token``/``pos_embed`` and a
+    trainable ``last_layer`` gain (ndim 2) land in the decayed group.
+    """
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients_(parameters: Iterable[nn.Parameter], clip: float) -> list[Tensor]:
+    """Official per-parameter clip: each grad with norm n is scaled by min(1, clip / (n + 1e-6)).
+
+    One foreach norm and one foreach multiply per (device, dtype); no ``.item()``, so no host
+    sync (the official loop syncs once per parameter). Returns the per-parameter norms (tensors).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+    return list(norms)
+
+
+def cancel_gradients_(parameters: Sequence[nn.Parameter]) -> None:
+    """Drop the gradients of ``parameters`` (official last-layer freeze: AdamW then skips them).
+
+    Takes the parameter list cached once (e.g. ``head.last_layer_parameters()``), instead of
+    scanning parameter names for ``"last_layer"`` every step as the official loop does.
+    """
+    for p in parameters:
+        p.grad = None
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in the official DINO utils: for ndim != 1 params, decay then trust-ratio scaling.
+
+    ``dp = g + wd * p``; ``dp *= eta * ||p|| / ||dp||`` (1 when either norm is 0); momentum buffer
+    ``mu = momentum * mu + dp``; ``p -= lr * mu``. 1-D params get neither decay nor adaptation.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[object] = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, (group["eta"] * param_norm / update_norm), one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(dp)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimizer:
+    """``adamw`` (defaults), ``sgd`` (lr 0, momentum 0.9) or ``lars``; lr/wd are set per step."""
+    if name == "adamw":
+        return torch.optim.AdamW(params_groups)
+    if name == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+    if name == "lars":
+        return LARS(params_groups)
+    raise ValueError(f"optimizer={name!r}, expected 'adamw', 'sgd' or 'lars'")
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Official per-step assignment: every group gets ``lr``; only group 0 gets ``weight_decay``."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:
+            group["weight_decay"] = weight_decay
