@@ -1,0 +1,304 @@
+"""Weighted k-NN evaluation of frozen features (the official ``eval_knn.py`` protocol).
+
+For a test feature ``x`` the k training features with the largest similarity ``s_j = x . t_j`` vote
+for their labels with weight ``exp(s_j / T)``; classes are ranked by their summed votes. With
+L2-normalised features (what :func:`extract_features` returns) the similarity is the cosine.
+
+Numerically this is the official classifier (same matmul, ``topk``, ``exp(s / T)`` and the votes
+summed nearest neighbour first). What differs: any number of classes (inferred from the labels),
+any number of test images (the official one divides the test set into 100 chunks and crashes below
+100 images), bounded memory, CPU or CUDA, no process group, and clear errors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..wrapper import backbone_tensor
+
+__all__ = ["extract_features", "knn_classifier", "knn_eval", "main"]
+
+# Default cap on one chunk's (chunk, N_train) similarity matrix.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _check_labels(name: str, labels: Tensor, n: int, features_name: str) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} is a {type(labels).__name__}, expected an integer Tensor of shape ({n},)")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {labels.dtype}, expected an integer dtype (e.g. torch.int64)")
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"{name} has shape {tuple(labels.shape)}, expected ({n},): one label per row of {features_name}"
+        )
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"{name} contains the negative label {int(labels.min())}, expected labels >= 0")
+
+
+def _check_inputs(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+    ks: Sequence[int], T: float, num_classes: Optional[int], chunk_size: Optional[int],
+) -> int:
+    """Validates everything; returns the number of classes."""
+    for name, feats in (("train_features", train_features), ("test_features", test_features)):
+        if not isinstance(feats, Tensor):
+            raise TypeError(f"{name} is a {type(feats).__name__}, expected a floating-point Tensor (N, D)")
+        if not feats.dtype.is_floating_point:
+            raise TypeError(f"{name} has dtype {feats.dtype}, expected a floating-point dtype")
+        if feats.ndim != 2:
+            raise ValueError(f"{name} has shape {tuple(feats.shape)}, expected (N, D)")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"train_features has D={train_features.shape[1]} but test_features has "
+            f"D={test_features.shape[1]}, expected the same feature width"
+        )
+    if train_features.dtype != test_features.dtype:
+        raise TypeError(
+            f"train_features is {train_features.dtype} but test_features is {test_features.dtype}, "
+            "expected the same dtype"
+        )
+    n_train, n_test = train_features.shape[0], test_features.shape[0]
+    if n_train == 0 or n_test == 0:
+        raise ValueError(f"got {n_train} train and {n_test} test features, expected at least one of each")
+    _check_labels("train_labels", train_labels, n_train, "train_features")
+    _check_labels("test_labels", test_labels, n_test, "test_features")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r}, expected a positive int")
+        if k > n_train:
+            raise ValueError(f"k={k} but there are only {n_train} training features, expected k <= {n_train}")
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
+        raise ValueError(f"T={T!r}, expected a positive temperature")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}, expected a positive int or None")
+    max_label = max(int(train_labels.max()), int(test_labels.max()))
+    if num_classes is None:
+        return max_label + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r}, expected a positive int or None")
+    if max_label >= num_classes:
+        raise ValueError(f"num_classes={num_classes} but a label is {max_label}, expected labels < num_classes")
+    return num_classes
+
+
+def _default_chunk(n_train: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, _CHUNK_BYTES // (itemsize * n_train))
+
+
+def _class_scores(sim: Tensor, train_labels: Tensor, k: int, T: float, num_classes: int) -> Tensor:
+    """(b, N_train) similarities -> (b, C) summed votes of the k nearest neighbours."""
+    top_sim, top_idx = sim.topk(k, dim=1, largest=True, sorted=True)  # (b, k)
+    neighbour_labels = train_labels[top_idx]  # (b, k)
+    weights = (top_sim / T).exp()
+    scores = sim.new_zeros(sim.shape[0], num_classes)
+    # One neighbour rank at a time: every row gets one index per call, so the sum is taken nearest
+    # neighbour first on every device (deterministic, no atomics), the order of the official
+    # one-hot sum, and memory stays O(b * C) instead of the official O(b * k * C).
+    for j in range(k):
+        scores.scatter_add_(1, neighbour_labels[:, j: j + 1], weights[:, j: j + 1])
+    return scores
+
+
+def _correct(scores: Tensor, targets: Tensor, k: int) -> tuple[int, int]:
+    """Number of top-1 and top-min(5, k) hits among the rows of (b, C) ``scores``."""
+    # A stable sort ranks tied classes by class index; the official unstable sort leaves ties
+    # unspecified (they only occur between classes without votes, or with underflowed weights).
+    predictions = scores.sort(dim=1, descending=True, stable=True).indices
+    hits = predictions[:, : min(5, k)] == targets.view(-1, 1)
+    return int(hits[:, 0].sum()), int(hits.sum())
+
+
+@torch.no_grad()
+def knn_eval(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: Iterable[int] = (10, 20, 100, 200),
+    T: float = 0.07,
+    num_classes: Optional[int] = None,
+    *,
+    chunk_size: Optional[int] = None,
+) -> dict[int, tuple[float, float]]:
+    """Weighted k-NN top-1/top-5 accuracy (percent) for every k in ``ks``.
+
+    The similarity matrix of each test chunk is computed once and shared by all k; each k then
+    gives exactly what :func:`knn_classifier` gives.
+
+    Args:
+        train_features: (N_train, D); used as given (pass L2-normalised features for cosine).
+        train_labels: (N_train,) integer labels in [0, num_classes).
+        test_features: (N_test, D), same dtype; moved to ``train_features``' device chunk by chunk.
+        test_labels: (N_test,) integer labels.
+        ks: numbers of neighbours, each in [1, N_train].
+        T: temperature of the vote weights ``exp(sim / T)``.
+        num_classes: defaults to the largest label + 1.
+        chunk_size: test rows per similarity matrix; by default as many as keep the (chunk,
+            N_train) matrix under 256 MiB.
+
+    Returns:
+        ``{k: (top1, top5)}``; top-5 counts the label among the first ``min(5, k)`` classes.
+    """
+    ks = list(ks)
+    if not ks:
+        raise ValueError("ks is empty, expected at least one number of neighbours")
+    num_classes = _check_inputs(train_features, train_labels, test_features, test_labels, ks, T, num_classes, chunk_size)
+    device = train_features.device
+    train_labels = train_labels.to(device=device, dtype=torch.int64)
+    test_labels = test_labels.to(device=device, dtype=torch.int64)
+    n_test = test_features.shape[0]
+    chunk = chunk_size or _default_chunk(train_features.shape[0], train_features.dtype)
+    train_t = train_features.t()  # (D, N_train)
+    hits = {k: [0, 0] for k in ks}
+    for start in range(0, n_test, chunk):
+        sim = test_features[start: start + chunk].to(device) @ train_t  # (b, N_train)
+        targets = test_labels[start: start + chunk]
+        for k in ks:
+            top1, top5 = _correct(_class_scores(sim, train_labels, k, T, num_classes), targets, k)
+            hits[k][0] += top1
+            hits[k][1] += top5
+    return {k: (top1 * 100.0 / n_test, top5 * 100.0 / n_test) for k, (top1, top5) in hits.items()}
+
+
+def knn_classifier(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int = 20,
+    T: float = 0.07,
+    num_classes: Optional[int] = None,
+    *,
+    chunk_size: Optional[int] = None,
+) -> tuple[float, float]:
+    """Weighted k-NN (top1, top5) accuracy in percent, the official ``knn_classifier``.
+
+    Shapes: train_features (N_train, D), train_labels (N_train,), test_features (N_test, D),
+    test_labels (N_test,). See :func:`knn_eval` for the arguments.
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k={k!r}, expected a positive int")
+    return knn_eval(train_features, train_labels, test_features, test_labels, (k,), T, num_classes,
+                    chunk_size=chunk_size)[k]
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: Iterable,
+    device: Union[str, torch.device] = "cpu",
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Features and labels of every batch of ``loader``, in loader order.
+
+    The model runs in eval mode (its previous mode is restored afterwards), under no_grad, in fp32
+    with autocast disabled, as the official extraction. ``loader`` yields ``(images, labels, ...)``
+    and ``model(images)`` returns (B, D) features (a ViT's forward returns the CLS token).
+
+    Returns:
+        features (N, D) float32, L2-normalised along dim 1 when ``normalize`` (official, eps
+        1e-12), and labels (N,) int64, both on ``device``. Use a loader without shuffling when
+        the order matters (e.g. to dump features).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise TypeError(
+                        f"the loader yielded a {type(batch).__name__}, expected (images, labels) pairs"
+                    )
+                images, targets = batch[0], batch[1]
+                images = images.to(device, non_blocking=True)
+                if images.is_floating_point():
+                    images = images.float()
+                out = backbone_tensor(model(images), "model").float()
+                features.append(out)
+                labels.append(torch.as_tensor(targets).to(device=device, dtype=torch.int64).view(-1))
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("the loader yielded no batches, expected at least one")
+    feats = torch.cat(features)
+    if normalize:
+        feats = F.normalize(feats, dim=1, p=2)
+    return feats, torch.cat(labels)
+
+
+_FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")
+
+
+def save_features(folder: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> None:
+    """Writes the official dump layout: trainfeat / trainlabels / testfeat / testlabels ``.pth``."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = (train[0], train[1], test[0], test[1])
+    for name, tensor in zip(_FEATURE_FILES, tensors):
+        torch.save(tensor.cpu(), os.path.join(folder, name))
+
+
+def load_features(folder: str) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Reads a folder written by :func:`save_features` (or the official ``--dump_features``)."""
+    missing = [n for n in _FEATURE_FILES if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"--load_features {folder!r}: missing {', '.join(missing)}")
+    train_f, train_l, test_f, test_l = (
+        torch.load(os.path.join(folder, n), map_location="cpu", weights_only=True) for n in _FEATURE_FILES
+    )
+    return (train_f, train_l), (test_f, test_l)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .common import add_backbone_args, add_data_args
+
+    parser = argparse.ArgumentParser(
+        "dino-eval-knn", description="Weighted k-NN evaluation of a frozen backbone (official DINO protocol)."
+    )
+    add_backbone_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200],
+                        help="numbers of nearest neighbours (20 is usually the best)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="temperature of the vote weights")
+    parser.add_argument("--dump_features", default=None, help="folder to save the extracted features to")
+    parser.add_argument("--load_features", default=None,
+                        help="folder with trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth; "
+                             "skips the model and the data")
+    parser.add_argument("--chunk_size", type=int, default=None,
+                        help="test rows per similarity matrix (default: what fits in 256 MiB)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[int, tuple[float, float]]:
+    """``dino-eval-knn``: extract (or load) features, print and return ``{k: (top1, top5)}``."""
+    args = build_parser().parse_args(argv)
+    from .common import build_backbone, build_datasets, make_loader, resolve_device
+
+    device = resolve_device(args.device)
+    if args.load_features:
+        (train_f, train_l), (test_f, test_l) = load_features(args.load_features)
+    else:
+        train_set, test_set = build_datasets(args, train_augment=False)
+        model = build_backbone(args, device)
+        print(f"Extracting features of {len(train_set)} train and {len(test_set)} test images.")
+        train_f, train_l = extract_features(model, make_loader(train_set, args), device)
+        test_f, test_l = extract_features(model, make_loader(test_set, args), device)
+        if args.dump_features:
+            save_features(args.dump_features, (train_f, train_l), (test_f, test_l))
+    train_f, train_l = train_f.to(device), train_l.to(device)
+    results = knn_eval(train_f, train_l, test_f, test_l, args.nb_knn, args.temperature,
+                       chunk_size=args.chunk_size)
+    for k, (top1, top5) in results.items():
+        print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Linear probe on a frozen backbone (the official ``eval_linear.py`` recipe).
+
+Features (frozen backbone, eval mode, no_grad): for a ViT the CLS tokens of the last
+``n_last_blocks`` blocks' normed outputs, concatenated in block order, optionally followed by the
+mean of the last block's patch tokens; any other model gives ``model(x)``. A ``Linear`` layer on
+top is trained with SGD (momentum 0.9, no weight decay), lr scaled by batch/256 and a per-epoch
+cosine schedule to 0, under cross-entropy.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..distributed import get_world_size
+from ..wrapper import backbone_tensor
+
+__all__ = ["LinearClassifier", "vit_linear_features", "train_linear_probe", "main"]
+
+
+class LinearClassifier(nn.Module):
+    """``Linear(dim, num_labels)`` on flattened input; weight ~ N(0, 0.01), bias 0 (official).
+
+    Shapes: (B, ...) with ``dim`` elements per sample -> (B, num_labels) logits.
+    """
+
+    def __init__(self, dim: int, num_labels: int = 1000) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("num_labels", num_labels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LinearClassifier: {name}={value!r}, expected a positive int")
+        self.num_labels = num_labels
+        self.linear = nn.Linear(dim, num_labels)
+        nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.flatten(1))
+
+
+def vit_linear_features(
+    model: nn.Module,
+    x: Tensor,
+    n_last_blocks: int = 4,
+    avgpool_patchtokens: bool = False,
+    *,
+    official_interleave: bool = False,
+) -> Tensor:
+    """Linear-probe features of a batch, the official feature choice.
+
+    With ``model.get_intermediate_layers(x, n)`` (a list of n normed (B, N+1, D) token maps):
+    ``[cls_1 | ... | cls_n]`` (B, n·D) with block n the last; with ``avgpool_patchtokens`` the
+    mean of the last block's patch tokens is appended, ``[cls_1 | ... | cls_n | avg]`` (B, (n+1)·D).
+
+    The official code joins CLS and average with a cat on a new last dimension and a reshape,
+    which interleaves them elementwise, ``(cls[0], avg[0], cls[1], avg[1], ...)``, and only works
+    for n = 1 (it crashes for n > 1). ``official_interleave=True`` reproduces that layout exactly,
+    e.g. to use linear weights trained by the official script (ViT-B: n=1 with avgpool); the
+    concatenated layout holds the same numbers, permuted.
+
+    Models without ``get_intermediate_layers`` (ResNets, ...) return ``model(x)``: (B, D).
+    """
+    if isinstance(n_last_blocks, bool) or not isinstance(n_last_blocks, int) or n_last_blocks < 1:
+        raise ValueError(f"n_last_blocks={n_last_blocks!r}, expected a positive int")
+    if not hasattr(model, "get_intermediate_layers"):
+        return backbone_tensor(model(x), "model")
+    if official_interleave and not avgpool_patchtokens:
+        raise ValueError("official_interleave=True needs avgpool_patchtokens=True: it only changes how "
+                         "the CLS tokens and the patch-token average are joined")
+    if official_interleave and n_last_blocks != 1:
+        raise ValueError(f"official_interleave=True with n_last_blocks={n_last_blocks}: the official layout "
+                         "only exists for n_last_blocks=1 (the official script crashes otherwise); use the "
+                         "default concatenated layout")
+    outputs = model.get_intermediate_layers(x, n_last_blocks)
+    if len(outputs) != n_last_blocks:
+        raise ValueError(f"get_intermediate_layers(x, {n_last_blocks}) returned {len(outputs)} token maps, "
+                         f"expected {n_last_blocks}")
+    features = torch.cat([tokens[:, 0] for tokens in outputs], dim=-1)  # (B, n·D)
+    if not avgpool_patchtokens:
+        return features
+    avg = outputs[-1][:, 1:].mean(dim=1)  # (B, D)
+    if official_interleave:
+        return torch.stack((features, avg), dim=-1).flatten(1)  # (B, 2D): cls[0], avg[0], cls[1], ...
+    return torch.cat((features, avg), dim=-1)
+
+
+def _topk_hits(logits: Tensor, targets: Tensor) -> tuple[int, int]:
+    """Top-1 and top-min(5, C) hits of (B, C) logits against (B,) targets."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == targets.view(-1, 1)
+    return int(hits[:, 0].sum()), int(hits.sum())
+
+
+def _batches(loader: Iterable, device: torch.device):
+    for batch in loader:
+        yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+
+class _FeatureFn:
+    """Frozen-backbone features under no_grad, in fp32."""
+
+    def __init__(self, backbone: nn.Module, n_last_blocks: int, avgpool: bool, interleave: bool) -> None:
+        self.backbone, self.n, self.avgpool, self.interleave = backbone, n_last_blocks, avgpool, interleave
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        if images.is_floating_point():
+            images = images.float()
+        return vit_linear_features(self.backbone, images, self.n, self.avgpool,
+                                   official_interleave=self.interleave).float()
+
+
+@torch.no_grad()
+def _precompute(features: _FeatureFn, loader: Iterable, device: torch.device) -> tuple[Tensor, Tensor]:
+    feats, labels = [], []
+    for images, targets in _batches(loader, device):
+        feats.append(features(images))
+        labels.append(targets.long())
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def _evaluate(classifier: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float, float]:
+    """(top1, top5, mean loss) in percent over ``batches`` of (features, labels)."""
+    classifier.eval()
+    top1 = top5 = n = 0
+    loss_sum = 0.0
+    for feats, targets in batches:
+        logits = classifier(feats)
+        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+        h1, h5 = _topk_hits(logits, targets)
+        top1, top5, n = top1 + h1, top5 + h5, n + targets.shape[0]
+    if n == 0:
+        raise ValueError("val_loader yielded no samples, expected at least one")
+    return top1 * 100.0 / n, top5 * 100.0 / n, loss_sum / n
+
+
+def train_linear_probe(
+    backbone: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    num_labels: int,
+    *,
+    epochs: int = 100,
+    lr: float = 0.001,
+    batch_size_for_lr: Optional[int] = None,
+    n_last_blocks: int = 4,
+    avgpool_patchtokens: bool = False,
+    official_interleave: bool = False,
+    device: Union[str, torch.device] = "cpu",
+    val_freq: int = 1,
+    precompute_features: bool = False,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    checkpoint_path: Optional[str] = None,
+    log: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> dict[str, Any]:
+    """Trains a :class:`LinearClassifier` on frozen ``backbone`` features (official recipe).
+
+    Args:
+        backbone: frozen (eval mode, no_grad) feature extractor; see :func:`vit_linear_features`.
+        train_loader / val_loader: yield ``(images, labels)``; the official train loader augments
+            (RandomResizedCrop + flip), the val loader does not.
+        num_labels: number of classes.
+        lr: base learning rate, scaled by ``batch_size_for_lr / 256``; ``batch_size_for_lr``
+            defaults to ``train_loader.batch_size`` times the world size (the official total batch).
+        precompute_features: extract the train and val features once and train on the cache. Much
+            faster (the backbone runs once instead of every epoch) but NOT the official recipe: the
+            train features are those of whatever ``train_loader`` yields once, so pass a loader
+            without augmentation. Cached batches are reshuffled every epoch.
+        val_freq: evaluate every ``val_freq`` epochs and after the last one.
+        checkpoint_path: if given, the state is ``torch.save``-d there after every evaluation
+            (plain tensors and dicts, loadable with ``weights_only=True``).
+        log: called with each epoch's stats dict.
+
+    Returns:
+        dict with ``best_top1`` (the best evaluated top-1), ``best_top5`` (top-5 of that epoch),
+        ``best_epoch``, ``final_top1``, ``final_top5`` (all in percent, top-5 is top-min(5, C)),
+        ``classifier`` (the trained :class:`LinearClassifier`), ``feature_dim``, ``lr`` (the scaled
+        one), ``history`` (the stats dicts) and ``state`` (what ``checkpoint_path`` receives).
+    """
+    for name, value in (("epochs", epochs), ("val_freq", val_freq), ("num_labels", num_labels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}, expected a positive int")
+    if batch_size_for_lr is None:
+        batch_size = getattr(train_loader, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("train_loader has no batch_size attribute: pass batch_size_for_lr= (the total batch size)")
+        batch_size_for_lr = batch_size * get_world_size()
+    device = torch.device(device)
+    scaled_lr = lr * batch_size_for_lr / 256.0
+    features = _FeatureFn(backbone, n_last_blocks, avgpool_patchtokens, official_interleave)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        if precompute_features:
+            train_cache = _precompute(features, train_loader, device)
+            val_cache = _precompute(features, val_loader, device)
+            cache_batch = getattr(train_loader, "batch_size", None) or batch_size_for_lr
+
+            def train_batches():
+                order = torch.randperm(train_cache[1].shape[0], device=device)
+                for i in range(0, order.shape[0], cache_batch):
+                    idx = order[i: i + cache_batch]
+                    yield train_cache[0][idx], train_cache[1][idx]
+
+            def val_batches():
+                for i in range(0, val_cache[1].shape[0], 4096):
+                    yield val_cache[0][i: i + 4096], val_cache[1][i: i + 4096]
+
+        else:
+
+            def train_batches():
+                for images, targets in _batches(train_loader, device):
+                    yield features(images), targets.long()
+
+            def val_batches():
+                for images, targets in _batches(val_loader, device):
+                    yield features(images), targets.long()
+
+        # The first batch sizes the classifier, then starts epoch 0.
+        pending = train_batches()
+        first = next(pending, None)
+        if first is None:
+            raise ValueError("train_loader yielded no batches, expected at least one")
+        feature_dim = first[0][0].numel()
+        classifier = LinearClassifier(feature_dim, num_labels).to(device)
+        optimizer = torch.optim.SGD(classifier.parameters(), lr=scaled_lr, momentum=momentum, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
+        history: list[dict[str, Any]] = []
+        best = {"top1": -math.inf, "top5": 0.0, "epoch": -1}
+        final = (0.0, 0.0)
+        state: dict[str, Any] = {}
+        for epoch in range(epochs):
+            classifier.train()
+            loss_sum, seen = torch.zeros((), device=device), 0
+            for feats, targets in (itertools.chain([first], pending) if epoch == 0 else train_batches()):
+                loss = F.cross_entropy(classifier(feats), targets)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * targets.shape[0]  # stays on device: no sync per step
+                seen += targets.shape[0]
+            stats: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1),
+                                     "lr": optimizer.param_groups[0]["lr"]}
+            scheduler.step()
+            if epoch % val_freq == 0 or epoch == epochs - 1:
+                top1, top5, val_loss = _evaluate(classifier, val_batches())
+                final = (top1, top5)
+                if top1 > best["top1"]:
+                    best = {"top1": top1, "top5": top5, "epoch": epoch}
+                stats.update(val_top1=top1, val_top5=top5, val_loss=val_loss, best_top1=best["top1"])
+                state = {
+                    "epoch": epoch + 1,
+                    "state_dict": classifier.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_acc": best["top1"],
+                }
+                if checkpoint_path:
+                    torch.save(state, checkpoint_path)
+            history.append(stats)
+            if log is not None:
+                log(stats)
+    finally:
+        backbone.train(was_training)
+    return {
+        "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+        "final_top1": final[0], "final_top5": final[1], "classifier": classifier,
+        "feature_dim": feature_dim, "lr": scaled_lr, "history": history, "state": state,
+    }
+
+
+def _num_labels(dataset: Any) -> int:
+    """Classes of a dataset (through Subset wrappers): ``classes`` if present, else max label + 1."""
+    inner = dataset
+    while hasattr(inner, "dataset") and not hasattr(inner, "classes"):
+        inner = inner.dataset
+    classes = getattr(inner, "classes", None)
+    if classes:
+        return len(classes)
+    return 1 + max(int(dataset[i][1]) for i in range(len(dataset)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .common import add_backbone_args, add_data_args, str2bool
+
+    parser = argparse.ArgumentParser(
+        "dino-eval-linear", description="Linear probe on a frozen backbone (official DINO recipe)."
+    )
+    add_backbone_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--n_last_blocks", type=int, default=4,
+                        help="concatenate the CLS tokens of the last n blocks (official: 4 for ViT-S, 1 for ViT-B)")
+    parser.add_argument("--avgpool_patchtokens", type=str2bool, default=False,
+                        help="append the average of the last block's patch tokens (official: False for ViT-S, True for ViT-B)")
+    parser.add_argument("--official_interleave", type=str2bool, default=False,
+                        help="interleave CLS and average as the official script (n_last_blocks=1 only)")
+    parser.add_argument("--epochs", type=int, default=100, help="training epochs")
+    parser.add_argument("--lr", type=float, default=0.001, help="base learning rate, scaled by total batch / 256")
+    parser.add_argument("--num_labels", type=int, default=None, help="number of classes (default: from the dataset)")
+    parser.add_argument("--val_freq", type=int, default=1, help="epochs between evaluations")
+    parser.add_argument("--output_dir", default=".", help="where checkpoint.pth.tar and log.txt go")
+    parser.add_argument("--precompute_features", type=str2bool, nargs="?", const=True, default=False,
+                        help="extract features once without augmentation and train on the cache (fast, not official)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """``dino-eval-linear``: train the probe, write ``checkpoint.pth.tar`` and ``log.txt``, return the results."""
+    args = build_parser().parse_args(argv)
+    import json
+
+    from .common import build_backbone, build_datasets, make_loader, resolve_device
+
+    device = resolve_device(args.device)
+    train_set, val_set = build_datasets(args, train_augment=not args.precompute_features)
+    num_labels = args.num_labels or _num_labels(train_set)
+    model = build_backbone(args, device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_path = os.path.join(args.output_dir, "log.txt")
+
+    def log(stats: dict[str, Any]) -> None:
+        print(json.dumps(stats))
+        with open(log_path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+    result = train_linear_probe(
+        model, make_loader(train_set, args, shuffle=not args.precompute_features), make_loader(val_set, args),
+        num_labels, epochs=args.epochs, lr=args.lr, n_last_blocks=args.n_last_blocks,
+        avgpool_patchtokens=args.avgpool_patchtokens, official_interleave=args.official_interleave,
+        device=device, val_freq=args.val_freq, precompute_features=args.precompute_features,
+        checkpoint_path=os.path.join(args.output_dir, "checkpoint.pth.tar"), log=log,
+    )
+    print(f"Training of the supervised linear classifier on frozen features completed.\n"
+          f"Top-1 test accuracy: {result['best_top1']:.1f} (best), {result['final_top1']:.1f} (final)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Linear probe: feature layouts, classifier init, the training recipe, the CLI."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dino_pytorch.eval import LinearClassifier, train_linear_probe, vit_linear_features
+from dino_pytorch.eval import linear as linear_module
+from dino_pytorch.eval.common import str2bool
+
+B, TOKENS, D, DEPTH = 3, 5, 4, 6  # TOKENS = 1 CLS + 4 patches
+
+
+class StubViT(nn.Module):
+    """Block i's normed tokens are (i + 1) * x + i, with x (B, TOKENS * D) viewed as (B, TOKENS, D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))  # something for the probe to leave alone
+
+    def block(self, x, i):
+        return self.scale * (i + 1) * x.view(x.shape[0], TOKENS, D) + i
+
+    def get_intermediate_layers(self, x, n=1):
+        return [self.block(x, i) for i in range(DEPTH - n, DEPTH)]
+
+    def forward(self, x):
+        return self.block(x, DEPTH - 1)[:, 0]
+
+
+@pytest.fixture
+def x():
+    return torch.randn(B, TOKENS * D, generator=torch.Generator().manual_seed(0))
+
+
+def test_cls_tokens_of_last_n_blocks_in_block_order(x):
+    model = StubViT()
+    feats = vit_linear_features(model, x, n_last_blocks=4)
+    expected = torch.cat([model.block(x, i)[:, 0] for i in (2, 3, 4, 5)], dim=1)
+    assert feats.shape == (B, 4 * D)
+    torch.testing.assert_close(feats, expected, rtol=0, atol=0)
+    torch.testing.assert_close(vit_linear_features(model, x, 1), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_avgpool_appends_last_block_patch_mean(x, n):
+    model = StubViT()
+    feats = vit_linear_features(model, x, n_last_blocks=n, avgpool_patchtokens=True)
+    last = model.block(x, DEPTH - 1)
+    cls = torch.cat([model.block(x, i)[:, 0] for i in range(DEPTH - n, DEPTH)], dim=1)
+    avg = last[:, 1:].mean(dim=1)
+    assert feats.shape == (B, (n + 1) * D)
+    torch.testing.assert_close(feats, torch.cat([cls, avg], dim=1), rtol=0, atol=0)
+
+
+def test_official_interleave_for_n1_by_hand(x):
+    model = StubViT()
+    last = model.block(x, DEPTH - 1)
+    cls, avg = last[:, 0], last[:, 1:].mean(dim=1)
+    expected = torch.empty(B, 2 * D)
+    for b in range(B):
+        for i in range(D):
+            expected[b, 2 * i] = cls[b, i]
+            expected[b, 2 * i + 1] = avg[b, i]
+    feats = vit_linear_features(model, x, 1, True, official_interleave=True)
+    torch.testing.assert_close(feats, expected, rtol=0, atol=0)
+    # Same numbers as the concatenated layout, permuted.
+    concat = vit_linear_features(model, x, 1, True)
+    torch.testing.assert_close(feats, concat.view(B, 2, D).transpose(1, 2).reshape(B, -1), rtol=0, atol=0)
+
+
+def test_official_interleave_errors(x):
+    with pytest.raises(ValueError, match="n_last_blocks=4"):
+        vit_linear_features(StubViT(), x, 4, True, official_interleave=True)
+    with pytest.raises(ValueError, match="avgpool_patchtokens=True"):
+        vit_linear_features(StubViT(), x, 1, False, official_interleave=True)
+    with pytest.raises(ValueError, match="n_last_blocks=0"):
+        vit_linear_features(StubViT(), x, 0)
+
+
+def test_non_vit_models_use_forward(x):
+    model = nn.Linear(TOKENS * D, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(vit_linear_features(model, x, 4, True), model(x))
+
+
+def test_linear_classifier_init_and_flatten():
+    torch.manual_seed(0)
+    clf = LinearClassifier(2000, 500)
+    w = clf.linear.weight.detach()
+    assert abs(float(w.mean())) < 1e-4 and abs(float(w.std()) - 0.01) < 1e-4
+    assert torch.count_nonzero(clf.linear.bias) == 0
+    assert LinearClassifier(6, 2)(torch.randn(4, 2, 3)).shape == (4, 2)
+    with pytest.raises(ValueError, match="num_labels=0"):
+        LinearClassifier(6, 0)
+
+
+def separable(n, num_classes=4, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    x = 3.0 * nn.functional.one_hot(labels, dim).float() + 0.5 * torch.randn(n, dim, generator=g)
+    return TensorDataset(x, labels)
+
+
+def test_probe_learns_separable_problem_with_precomputed_features(tmp_path):
+    torch.manual_seed(0)
+    train = DataLoader(separable(512), batch_size=64, shuffle=False)
+    val = DataLoader(separable(256, seed=1), batch_size=100)
+    path = str(tmp_path / "checkpoint.pth.tar")
+    result = train_linear_probe(nn.Identity(), train, val, num_labels=4, epochs=4, lr=1.0,
+                                precompute_features=True, checkpoint_path=path)
+    assert result["final_top1"] > 95.0 and result["best_top1"] >= result["final_top1"]
+    assert result["final_top5"] == 100.0  # 4 classes: top-min(5, 4) always hits
+    assert result["feature_dim"] == 8 and result["lr"] == 1.0 * 64 / 256
+    # Cosine annealing to 0 over the epochs, stepped once per epoch.
+    lrs = [h["lr"] for h in result["history"]]
+    expected = [0.25 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert lrs == pytest.approx(expected)
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 4 and state["best_acc"] == result["best_top1"]
+    assert set(state["state_dict"]) == {"linear.weight", "linear.bias"}
+    assert {"optimizer", "scheduler"} <= set(state)
+
+
+def test_probe_on_vit_features_freezes_backbone():
+    model = StubViT().train()
+    before = model.scale.detach().clone()
+    data = TensorDataset(torch.randn(24, TOKENS * D), torch.randint(0, 3, (24,)))
+    val_freq_epochs = []
+    result = train_linear_probe(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8), 3,
+                                epochs=3, n_last_blocks=2, avgpool_patchtokens=True, val_freq=2,
+                                log=lambda s: val_freq_epochs.append("val_top1" in s))
+    assert result["feature_dim"] == 3 * D and result["classifier"].linear.in_features == 3 * D
+    assert val_freq_epochs == [True, False, True]  # every val_freq epochs and the last one
+    assert torch.equal(model.scale, before) and model.scale.grad is None and model.training
+
+
+def test_probe_argument_errors():
+    data = DataLoader(separable(8), batch_size=4)
+    with pytest.raises(ValueError, match="epochs=0"):
+        train_linear_probe(nn.Identity(), data, data, 4, epochs=0)
+    with pytest.raises(ValueError, match="batch_size_for_lr"):
+        train_linear_probe(nn.Identity(), [next(iter(data))], data, 4, epochs=1)
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("False", False), ("1", True), ("0", False),
+                                        ("on", True), ("off", False)])
+def test_bool_flag(text, value):
+    assert str2bool(text) is value
+    args = linear_module.build_parser().parse_args(["--avgpool_patchtokens", text])
+    assert args.avgpool_patchtokens is value
+
+
+def test_cli_defaults_are_official():
+    args = linear_module.build_parser().parse_args([])
+    assert (args.n_last_blocks, args.avgpool_patchtokens, args.arch, args.patch_size) == (4, False, "vit_small", 16)
+    assert (args.checkpoint_key, args.epochs, args.lr, args.batch_size_per_gpu, args.val_freq) == \
+        ("teacher", 100, 0.001, 128, 1)
+    assert args.num_labels is None and not args.precompute_features
+
+
+def _fashion_mnist_available() -> bool:
+    from dino_pytorch.datasets import FASHION_MNIST_DIR
+
+    return any((FASHION_MNIST_DIR / f"t10k-labels-idx1-ubyte{ext}").exists() for ext in ("", ".gz"))
+
+
+@pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files not installed")
+def test_cli_tiny_vit_subset(tmp_path):
+    result = linear_module.main([
+        "--arch", "vit_tiny", "--patch_size", "7", "--dataset", "fashion_mnist", "--subset", "40",
+        "--n_last_blocks", "2", "--avgpool_patchtokens", "true", "--epochs", "2", "--lr", "0.01",
+        "--device", "cpu", "--num_workers", "0", "--batch_size_per_gpu", "20", "--precompute_features",
+        "--output_dir", str(tmp_path),
+    ])
+    assert result["feature_dim"] == 3 * 192 and result["classifier"].num_labels == 10
+    assert os.path.isfile(tmp_path / "checkpoint.pth.tar") and os.path.isfile(tmp_path / "log.txt")
+    state = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert state["state_dict"]["linear.weight"].shape == (10, 3 * 192)
+
+
+@pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files not installed")
+def test_cli_augmented_path_convnet(tmp_path):
+    result = linear_module.main([
+        "--arch", "convnet", "--dataset", "fashion_mnist", "--subset", "20", "--epochs", "1",
+        "--device", "cpu", "--num_workers", "0", "--batch_size_per_gpu", "10", "--output_dir", str(tmp_path),
+    ])
+    assert result["feature_dim"] == 128 and result["lr"] == 0.001 * 10 / 256
+    args = linear_module.build_parser().parse_args(["--official_interleave", "1", "--avgpool_patchtokens", "on"])
+    assert args.official_interleave and args.avgpool_patchtokens
+
+
+def test_real_vit_last_cls_is_forward():
+    from dino_pytorch.models import create_model
+
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny", patch_size=7, in_chans=1, img_size=28, depth=3).eval()
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        feats = vit_linear_features(vit, images, n_last_blocks=3, avgpool_patchtokens=True)
+        layers = vit.get_intermediate_layers(images, 3)
+        torch.testing.assert_close(feats[:, 2 * 192: 3 * 192], vit(images))
+    torch.testing.assert_close(feats[:, 3 * 192:], layers[-1][:, 1:].mean(dim=1))
