@@ -28,6 +28,14 @@ setup(
         "timm": ["timm>=0.9"],
         "bench": ["psutil>=5"],
     },
+    entry_points={
+        "console_scripts": [
+            "dino-train = dino_pytorch.train:main",
+            "dino-eval-knn = dino_pytorch.eval.knn:main",
+            "dino-eval-linear = dino_pytorch.eval.linear:main",
+            "dino-visualize-attention = dino_pytorch.visualize:main",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -1,0 +1,189 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("matplotlib")
+import matplotlib.image  # noqa: E402
+
+from dino_pytorch.datasets import FASHION_MNIST_DIR  # noqa: E402
+from dino_pytorch.models import vit_tiny  # noqa: E402
+from dino_pytorch.visualize import (  # noqa: E402
+    attention_maps,
+    main,
+    plot_curves,
+    save_attention_pngs,
+    save_dataset_attention_maps,
+    threshold_masks,
+    upsample,
+)
+
+
+def tiny_vit(in_chans=3):
+    torch.manual_seed(0)
+    return vit_tiny(patch_size=8, img_size=32, in_chans=in_chans, embed_dim=24, depth=2)
+
+
+def naive_masks(attn, threshold):
+    """Per head: the top values, largest first, until they hold `threshold` of the head's mass."""
+    heads = []
+    for head in attn.flatten(1).double():
+        total, kept, mask = head.sum(), 0.0, torch.zeros(head.numel(), dtype=torch.bool)
+        for i in torch.argsort(head, descending=True).tolist():
+            if kept >= threshold * total:
+                break
+            mask[i] = True
+            kept += head[i]
+        heads.append(mask)
+    return torch.stack(heads).reshape(attn.shape)
+
+
+# ------------------------------------------------------------------------------ masks and maps
+
+def test_threshold_masks_known_values():
+    attn = torch.tensor([[[0.5, 0.2, 0.15], [0.1, 0.05, 0.0]]])
+    # Ascending cumulative mass 0, .05, .15, .30, .50, 1.0: above 0.4 are the 0.2 and the 0.5.
+    assert threshold_masks(attn, 0.6).tolist() == [[[True, True, False], [False, False, False]]]
+    assert threshold_masks(attn, 0.5).tolist() == [[[True, False, False], [False, False, False]]]
+    assert threshold_masks(attn * 7, 0.6).equal(threshold_masks(attn, 0.6))  # unnormalised input is fine
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.9])
+def test_threshold_masks_match_naive_smallest_top_set(threshold):
+    attn = torch.rand(4, 6, 7, generator=torch.Generator().manual_seed(0)) ** 3
+    masks = threshold_masks(attn, threshold)
+    assert masks.dtype == torch.bool and masks.shape == attn.shape
+    assert torch.equal(masks, naive_masks(attn, threshold))
+    for head, mask in zip(attn, masks):
+        share = head[mask].sum() / head.sum()
+        assert share >= threshold - 1e-6
+        assert share - head[mask].min() / head.sum() < threshold  # without its smallest member: too little
+        assert head[mask].min() >= head[~mask].max()  # the kept patches are the top ones
+
+
+def test_threshold_masks_bad_input():
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        threshold_masks(torch.rand(1, 2, 2), 1.5)
+    with pytest.raises(ValueError, match=r"expected \(heads, h, w\)"):
+        threshold_masks(torch.rand(4, 4), 0.6)
+
+
+def test_upsample_is_nearest_by_patch_size():
+    maps = torch.rand(3, 4, 5)
+    big = upsample(maps, 8)
+    assert big.shape == (3, 32, 40)
+    assert torch.equal(big, F.interpolate(maps[None], scale_factor=8, mode="nearest")[0])  # official
+    masks = upsample(maps > 0.5, 4)
+    assert masks.dtype == torch.bool and torch.equal(masks[:, ::4, ::4], maps > 0.5)
+
+
+def test_attention_maps_shape_and_values():
+    model = tiny_vit().train()
+    image = torch.randn(3, 37, 45)  # cropped to 32 x 40: a 4 x 5 patch grid
+    maps = attention_maps(model, image)
+    assert maps.shape == (3, 4, 5) and model.training  # mode restored
+    with torch.no_grad():
+        attn = model.eval().get_last_selfattention(image[None, :, :32, :40])
+    assert torch.equal(maps, attn[0, :, 0, 1:].reshape(3, 4, 5))
+    assert ((maps.sum(dim=(1, 2)) > 0) & (maps.sum(dim=(1, 2)) < 1)).all()
+    with pytest.raises(ValueError, match="patch_size=16"):
+        attention_maps(model, image, patch_size=16)
+    with pytest.raises(TypeError, match="get_last_selfattention"):
+        attention_maps(torch.nn.Linear(2, 2), image, 8)
+
+
+def test_save_attention_pngs(tmp_path):
+    model = tiny_vit()
+    image = torch.randn(3, 40, 24)
+    maps = attention_maps(model, image)
+    written = save_attention_pngs(tmp_path / "out", image, maps, patch_size=8, threshold=0.6)
+    names = sorted(p.name for p in written)
+    expected = ["img.png"] + [f"attn-head{j}.png" for j in range(3)] + [f"mask_th0.6_head{j}.png" for j in range(3)]
+    assert names == sorted(expected)
+    for path in written:
+        assert path.exists() and path.stat().st_size > 0
+        assert matplotlib.image.imread(path).shape[:2] == (40, 24)
+    assert len(save_attention_pngs(tmp_path / "none", image, maps, 8, threshold=None)) == 4
+    with pytest.raises(ValueError, match="do not cover"):
+        save_attention_pngs(tmp_path, image, maps[:, :2], 8)
+
+
+def test_save_dataset_attention_maps(tmp_path):
+    model = tiny_vit(in_chans=1)
+    images = torch.randn(3, 1, 16, 24)
+    dataset = [(img, label) for label, img in enumerate(images)]
+    written = save_dataset_attention_maps(model, dataset, tmp_path, count=2, threshold=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000", "001"] and len(written) == 2 * 4
+    assert len(save_dataset_attention_maps(model, images, tmp_path / "all", threshold=0.6)) == 3 * 7
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+@pytest.fixture()
+def png(tmp_path):
+    y, x = torch.meshgrid(torch.linspace(0, 1, 50), torch.linspace(0, 1, 70), indexing="ij")
+    rgb = torch.stack([x, y, (x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.1], dim=-1).float()
+    path = tmp_path / "photo.png"
+    matplotlib.image.imsave(path, rgb.numpy())
+    return path
+
+
+def test_cli_random_init_on_an_image(tmp_path, png):
+    out = tmp_path / "maps"
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        code = main(["--arch", "vit_tiny", "--patch_size", "8", "--image_path", str(png), "--image_size", "32", "48",
+                     "--output_dir", str(out), "--device", "cpu"])
+    assert code == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["img.png"] + [f"attn-head{j}.png" for j in range(3)] + [f"mask_th0.6_head{j}.png" for j in range(3)])
+    assert all((out / f).stat().st_size > 0 for f in files)
+    assert matplotlib.image.imread(out / "attn-head0.png").shape[:2] == (32, 48)
+
+
+def test_cli_with_pretrained_one_channel_weights(tmp_path, png):
+    # A 1-channel model trained at 32 px: channels and image size come from the weights.
+    model = vit_tiny(patch_size=8, img_size=32, in_chans=1)
+    weights = tmp_path / "backbone.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, weights)
+    out = tmp_path / "maps"
+    main(["--arch", "vit_tiny", "--patch_size", "8", "--pretrained_weights", str(weights), "--image_path", str(png),
+          "--image_size", "24", "24", "--threshold", "-1", "--output_dir", str(out), "--device", "cpu"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["img.png", "attn-head0.png", "attn-head1.png", "attn-head2.png"])
+    with pytest.raises(SystemExit, match="--patch_size 8"):
+        main(["--arch", "vit_tiny", "--patch_size", "16", "--pretrained_weights", str(weights), "--image_path", str(png)])
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST not installed")
+def test_cli_on_fashion_mnist(tmp_path):
+    out = tmp_path / "fm"
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        main(["--arch", "vit_tiny", "--patch_size", "8", "--fashion_mnist_index", "3", "--image_size", "32", "32",
+              "--threshold", "0.5", "--output_dir", str(out), "--device", "cpu"])
+    assert (out / "img.png").stat().st_size > 0 and (out / "mask_th0.5_head2.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------- curves
+
+def test_plot_curves_from_log_file(tmp_path):
+    log = tmp_path / "log.txt"
+    lines = [{"step": 10 * i, "epoch": i // 5, "train_loss": 8.0 - 0.1 * i} for i in range(20)]
+    lines[9]["knn_top1"] = 40.0
+    lines[19]["knn_top1"] = 55.0
+    lines.append({"epoch": 4, "train_lr": 1e-3})  # keys may be missing
+    log.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 200, "train_lo')  # being written
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        out = plot_curves(log, tmp_path / "plots" / "curves.png")
+    assert out.exists() and out.stat().st_size > 0
+    assert matplotlib.image.imread(out).shape[1] > matplotlib.image.imread(out).shape[0]  # two panels
+
+
+def test_plot_curves_from_records_and_errors(tmp_path):
+    out = plot_curves([{"epoch": e, "train_loss": 5.0 / (e + 1)} for e in range(5)], tmp_path / "loss.png")
+    assert out.stat().st_size > 0
+    with pytest.raises(ValueError, match="no train_loss"):
+        plot_curves([{"epoch": 1}], tmp_path / "x.png")
+    bad = tmp_path / "bad.txt"
+    bad.write_text('{"train_loss": 1}\nnot json\n{"train_loss": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        plot_curves(bad, tmp_path / "x.png")
