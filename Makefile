@@ -21,7 +21,7 @@ $(FMNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-test: $(STAMP)
+test: $(STAMP) $(FMNIST)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: $(STAMP) $(FMNIST)

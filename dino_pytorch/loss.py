@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .ops import centered_teacher_softmax, multiview_cross_entropy, sinkhorn_knopp
+from .ops import centered_teacher_softmax, multiview_cross_entropy, sinkhorn_knopp, teacher_column_sum
 from .schedules import teacher_temp_schedule
 
 Views = Union[Tensor, Sequence[Tensor]]
@@ -112,7 +112,9 @@ class DINOLoss(nn.Module):
         # Pending centre statistics: not in the state_dict, so `center` stays its only entry
         # (an official checkpoint's `dino_loss` entry loads as is).
         self.register_buffer("_center_sum", torch.zeros(1, out_dim), persistent=False)
-        self._center_rows = 0
+        # A tensor, not a Python int: an int attribute that changes every call makes torch.compile
+        # re-trace (and fail under fullgraph=True) in center_update="manual" mode.
+        self.register_buffer("_center_count", torch.zeros((), dtype=torch.int64), persistent=False)
 
     # -- teacher temperature -------------------------------------------------------------------
     def teacher_temp_at(self, epoch: Optional[int]) -> float:
@@ -212,39 +214,47 @@ class DINOLoss(nn.Module):
         """
         views = [teacher_output] if isinstance(teacher_output, Tensor) else list(teacher_output)
         for v in views:
-            self._center_sum.add_(torch.sum(v.detach().float(), dim=0, keepdim=True))
-            self._center_rows += v.shape[0]
+            self._center_sum.add_(teacher_column_sum(v))  # fp32 accumulation, no fp32 copy of v
+            self._center_count.add_(v.shape[0])
 
     @torch.no_grad()
     def update_center(self) -> None:
         """Apply the pending statistics: ``c <- m c + (1 - m) mean`` over all ranks' rows.
 
         With a process group, the row sums and row counts are summed over ranks first, so the mean
-        is exact even when ranks hold different batch sizes. A no-op when nothing is pending.
+        is exact even when ranks hold different batch sizes. A no-op when nothing is pending (on
+        all ranks together: with a process group every rank must call it, as every rank steps).
         """
-        if self._center_rows == 0:
-            return
+        total, count = self._center_sum, self._center_count
         if distributed.is_distributed() and distributed.get_world_size() > 1:
-            packed = torch.cat(
-                [self._center_sum.flatten(), self._center_sum.new_tensor([float(self._center_rows)])]
-            )
+            packed = torch.cat([total.flatten(), count.to(total.dtype).reshape(1)])
             distributed.all_reduce_sum(packed)
-            batch_center = packed[:-1].reshape(1, -1) / packed[-1]
-        else:
-            batch_center = self._center_sum / self._center_rows
+            total, count = packed[:-1].reshape(1, -1), packed[-1]
+        batch_center = total / count.clamp(min=1)
         m = self.center_momentum
-        # Same op order as official (c*m + b*(1-m)), in place so the buffer keeps its identity.
-        self.center.mul_(m).add_(batch_center * (1 - m))
+        # Same op order as official (c*m + b*(1-m)). Nothing pending is handled by a select, not an
+        # `if` on the count: that would sync the device and break torch.compile graphs.
+        updated = self.center * m + batch_center * (1 - m)
+        self.center.copy_(torch.where(count > 0, updated, self.center))  # in place: buffer identity kept
         self._center_sum.zero_()
-        self._center_rows = 0
+        self._center_count.zero_()
 
     # -- forward -------------------------------------------------------------------------------
     def teacher_probs(self, teacher_views: Sequence[Tensor], teacher_temp: float) -> list[Tensor]:
         """Teacher targets for each teacher view: list of (B, K) float32 probabilities."""
+        return list(self._teacher_prob_stack(teacher_views, teacher_temp).unbind(0))
+
+    def _teacher_prob_stack(
+        self, teacher_views: Sequence[Tensor], teacher_temp: float, rows: Optional[Tensor] = None
+    ) -> Tensor:
+        """(T, B, K) float32 targets; ``rows`` is the (T*B, K) concatenation when the caller has it."""
+        if rows is None:
+            rows = torch.cat(list(teacher_views))
         if self.centering == "sinkhorn_knopp":
-            q = sinkhorn_knopp(torch.cat(list(teacher_views)), teacher_temp, self.sinkhorn_iterations)
-            return list(q.chunk(len(teacher_views)))
-        return [centered_teacher_softmax(t, self.center, teacher_temp) for t in teacher_views]
+            q = sinkhorn_knopp(rows, teacher_temp, self.sinkhorn_iterations)
+        else:
+            q = centered_teacher_softmax(rows, self.center, teacher_temp)  # one launch for all views
+        return q.unflatten(0, (len(teacher_views), -1))
 
     def forward(
         self,
@@ -264,8 +274,12 @@ class DINOLoss(nn.Module):
         """
         student, teacher = self._views(student_output, teacher_output)
         temp = self.teacher_temp_at(epoch) if teacher_temp is None else _check_temperature("teacher_temp", teacher_temp)
-        probs = self.teacher_probs(teacher, temp)  # uses the centre from before this step
-        loss = multiview_cross_entropy(student, probs, self.student_temp)
+        concatenated = teacher_output if isinstance(teacher_output, Tensor) else None
+        probs = self._teacher_prob_stack(teacher, temp, concatenated)  # centre from before this step
+        # The concatenated (V*B, K) logits go in as they are: the fused loss saves that very tensor
+        # (alive anyway for the head's backward) instead of a stacked copy.
+        rows = student_output if isinstance(student_output, Tensor) else torch.stack(student)
+        loss = multiview_cross_entropy(rows, probs, self.student_temp)
         if self.training and self.centering == "centering":
             # One sum over the concatenated rows when we have them, exactly as official.
             self.accumulate_center(teacher_output if isinstance(teacher_output, Tensor) else teacher)

@@ -164,13 +164,6 @@ def test_cli_defaults_are_official():
     assert args.num_labels is None and not args.precompute_features
 
 
-def _fashion_mnist_available() -> bool:
-    from dino_pytorch.datasets import FASHION_MNIST_DIR
-
-    return any((FASHION_MNIST_DIR / f"t10k-labels-idx1-ubyte{ext}").exists() for ext in ("", ".gz"))
-
-
-@pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files not installed")
 def test_cli_tiny_vit_subset(tmp_path):
     result = linear_module.main([
         "--arch", "vit_tiny", "--patch_size", "7", "--dataset", "fashion_mnist", "--subset", "40",
@@ -184,7 +177,6 @@ def test_cli_tiny_vit_subset(tmp_path):
     assert state["state_dict"]["linear.weight"].shape == (10, 3 * 192)
 
 
-@pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files not installed")
 def test_cli_augmented_path_convnet(tmp_path):
     result = linear_module.main([
         "--arch", "convnet", "--dataset", "fashion_mnist", "--subset", "20", "--epochs", "1",

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 pytest.importorskip("matplotlib")
 import matplotlib.image  # noqa: E402
 
-from dino_pytorch.datasets import FASHION_MNIST_DIR  # noqa: E402
 from dino_pytorch.models import vit_tiny  # noqa: E402
 from dino_pytorch.visualize import (  # noqa: E402
     attention_maps,
@@ -154,7 +153,6 @@ def test_cli_with_pretrained_one_channel_weights(tmp_path, png):
         main(["--arch", "vit_tiny", "--patch_size", "16", "--pretrained_weights", str(weights), "--image_path", str(png)])
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST not installed")
 def test_cli_on_fashion_mnist(tmp_path):
     out = tmp_path / "fm"
     with pytest.warns(UserWarning, match="randomly initialised"):

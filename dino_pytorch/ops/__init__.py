@@ -1,8 +1,25 @@
 """Numerical kernels of the DINO loss, each with a pure-PyTorch reference.
 
-This package is the one place where a fast path is chosen; callers (``DINOLoss``) never pick one.
+This package is the one place where a fast path is chosen (:mod:`.dispatch`); callers
+(``DINOLoss``) never pick one. Set ``DINO_PYTORCH_DISABLE_TRITON=1`` to force the PyTorch path.
 """
-from .cross_entropy import multiview_cross_entropy
-from .teacher import centered_teacher_softmax, sinkhorn_knopp
+from .cross_entropy import multiview_cross_entropy_reference, other_view_targets
+from .dispatch import (
+    backend_for,
+    centered_teacher_softmax,
+    multiview_cross_entropy,
+    teacher_column_sum,
+)
+from .fused_cross_entropy import MultiviewCrossEntropy
+from .teacher import sinkhorn_knopp
 
-__all__ = ["multiview_cross_entropy", "centered_teacher_softmax", "sinkhorn_knopp"]
+__all__ = [
+    "MultiviewCrossEntropy",
+    "backend_for",
+    "centered_teacher_softmax",
+    "multiview_cross_entropy",
+    "multiview_cross_entropy_reference",
+    "other_view_targets",
+    "sinkhorn_knopp",
+    "teacher_column_sum",
+]

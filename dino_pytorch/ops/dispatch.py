@@ -1,0 +1,123 @@
+"""The one place where a backend is chosen: Triton kernels or the PyTorch path.
+
+Rule: a CUDA tensor of dtype float32/bfloat16/float16, with ``triton`` importable and the
+environment variable ``DINO_PYTORCH_DISABLE_TRITON`` not set to ``1`` -> ``"triton"``; anything
+else (CPU, float64, no triton, disabled) -> ``"torch"``. Without a GPU, launching a Triton kernel
+fails ("0 active drivers"), which is why the device decides and not just the import.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import teacher as _teacher
+from .fused_cross_entropy import MultiviewCrossEntropy
+from .views import MultiView, split_views
+
+DISABLE_ENV = "DINO_PYTORCH_DISABLE_TRITON"
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """True when ``import triton`` works (cached: importing is slow and its result fixed)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything else
+        return False
+    return True
+
+
+def triton_disabled() -> bool:
+    """True when ``DINO_PYTORCH_DISABLE_TRITON=1``; read at each eager call."""
+    return os.environ.get(DISABLE_ENV, "0").strip() == "1"
+
+
+@torch.compiler.assume_constant_result
+def triton_enabled() -> bool:
+    """Not disabled and importable; torch.compile evaluates it once, while tracing (so a compiled
+    graph keeps the backend it was traced with)."""
+    return not triton_disabled() and triton_importable()
+
+
+def backend_for(x: Union[Tensor, torch.device, str], dtype: Optional[torch.dtype] = None) -> str:
+    """``"triton"`` or ``"torch"``: the backend the ops of this package use for ``x``.
+
+    Args:
+        x: a tensor, or a device (``torch.device("cuda")``, ``"cpu"``) to ask about a device alone.
+        dtype: the dtype to ask about with a device (a tensor brings its own).
+    """
+    if isinstance(x, Tensor):
+        device, dtype = x.device, x.dtype
+    else:
+        device = torch.device(x)
+    if device.type != "cuda":
+        return "torch"
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return "torch"
+    return "triton" if triton_enabled() else "torch"
+
+
+def _triton_ops() -> object:
+    from . import triton_kernels  # noqa: F401  (registers torch.ops.dino_pytorch.*)
+
+    return torch.ops.dino_pytorch
+
+
+def multiview_cross_entropy(
+    student: MultiView,
+    teacher_probs: MultiView,
+    student_temp: float,
+    *,
+    batch_size: Optional[int] = None,
+    chunk_rows: Optional[int] = None,
+) -> Tensor:
+    """DINO multi-view cross-entropy with a memory-lean closed-form backward.
+
+    Equals :func:`.cross_entropy.multiview_cross_entropy_reference`: the mean over the
+    T * (V - 1) (teacher view i, student view v != i) pairs of the batch-mean cross-entropy.
+
+    Args:
+        student: (V*B, K) crop-major logits (``MultiCropWrapper`` output), (V, B, K), or a list of
+            V (B, K). Any floating dtype; computed in float32 (float64 stays float64).
+        teacher_probs: (T, B, K), (T*B, K) or a list of T (B, K) probabilities, T <= V; teacher view i
+            is student view i. Targets only: no gradient flows into them.
+        student_temp: tau_s.
+        batch_size: B, needed only when both tensors are 2-D.
+        chunk_rows: torch backend only: batch rows per chunk (None: about 32 MB of float32 logits per chunk).
+
+    Returns:
+        0-dim float32 loss (float64 for float64 logits); its gradient has the logits' dtype.
+    """
+    rows, teacher, num_views = split_views(student, teacher_probs, batch_size)
+    engine = backend_for(rows)
+    return MultiviewCrossEntropy.apply(rows, teacher, float(student_temp), num_views, chunk_rows, engine)
+
+
+def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """``softmax((t - c) / tau_t)`` in float32; see :func:`.teacher.centered_teacher_softmax`.
+
+    Args:
+        teacher_logits: (N, K), any floating dtype. center: (1, K) float32. teacher_temp: tau_t.
+
+    Returns:
+        (N, K) float32, detached.
+    """
+    if backend_for(teacher_logits) == "triton":
+        return _triton_ops().centered_softmax(teacher_logits.detach(), center, float(teacher_temp))
+    return _teacher.centered_teacher_softmax(teacher_logits, center, teacher_temp)
+
+
+def teacher_column_sum(teacher_logits: Tensor) -> Tensor:
+    """Sum of the rows of (N, K) raw teacher logits, accumulated in float32: (1, K) float32, detached.
+
+    The centre's batch statistic; no float32 copy of half-precision input is made.
+    """
+    x = teacher_logits.detach()
+    if backend_for(x) == "triton":
+        return _triton_ops().column_sum(x)
+    return torch.sum(x, dim=0, keepdim=True, dtype=torch.float32)
