@@ -189,7 +189,7 @@ def test_saves_no_log_probability_tensor(dtype):
     log_prob_bytes = views * batch * k * 4
     ours = _saved_bytes(lambda: multiview_cross_entropy(student, probs, 0.1), student)
     assert ours < log_prob_bytes
-    assert ours == teachers * batch * k * 4 + 3 * views * batch * 4  # teacher probs + row stats
+    assert ours == teachers * batch * k * 4 + views * batch * 4  # teacher probs + one statistic per row
     # The measurement sees what the per-view reference keeps: a log-softmax per view.
     ref = _saved_bytes(
         lambda: multiview_cross_entropy_reference(list(student.chunk(views)), list(probs), 0.1), student

@@ -22,8 +22,10 @@ def other_view_targets(teacher_probs: Sequence[Tensor], num_student_views: int) 
     """``Q_s`` for every student view s: the sum of the teacher views with index != s.
 
     Teacher view i is the same image view as student view i, so that pair is left out. Sums are
-    built from the kept views directly (not ``total - q_s``) so no cancellation error creeps in.
-    Returns ``num_student_views`` tensors of shape (B, K); views beyond the teacher's share one.
+    built from the kept views directly (not ``total - q_s``) so no cancellation error creeps in,
+    and with the official two teacher views ``Q_0``/``Q_1`` are the other view itself, no copy.
+    Returns ``num_student_views`` tensors of shape (B, K); views beyond the teacher's share one
+    object (the sum of all teacher views).
     """
     num_teacher = len(teacher_probs)
     all_views = teacher_probs[0]
@@ -33,6 +35,9 @@ def other_view_targets(teacher_probs: Sequence[Tensor], num_student_views: int) 
     for s in range(num_student_views):
         if s < num_teacher:
             kept = [q for t, q in enumerate(teacher_probs) if t != s]
+            if not kept:  # a single teacher view: its own student view has no partner
+                targets.append(torch.zeros_like(all_views))
+                continue
             target = kept[0]
             for q in kept[1:]:
                 target = target + q

@@ -7,20 +7,21 @@ probabilities of the other views, each row contributes ``-<Q_s, log softmax(z_s 
 
 where ``|Q_s|`` is the row sum of ``Q_s`` (``n_s``, the number of teacher views paired with ``s``,
 for probability rows). So backward needs only the logits (alive anyway for the head's backward),
-the teacher probabilities and three numbers per student row (max, shifted logsumexp, ``|Q_s|``);
-no (V, B, K) log-probability tensor is ever saved.
+the teacher probabilities and per-row statistics; no (V, B, K) log-probability tensor is saved.
 
-The logsumexp is kept as ``(m, log sum exp(z - m))`` rather than one number ``lse``: backward
-recomputes ``softmax = exp((z - m) - log_sum)``, where ``z - m`` is exact near the max. With
-``exp(z - lse)`` the rounding of ``lse`` (an ulp of |z|, ~1e-5 for z ~ 100) would cost ~1e-5
-relative error in the gradient.
+The two engines keep different statistics:
 
-Row statistics are taken relative to the row maximum ``m``:
-``CE = sum_k Q_k (m - z_k) + |Q| * log sum_k exp(z_k - m)``. Both terms are >= 0, so nothing
-cancels, unlike ``|Q| * lse - <Q, z>``, which loses digits when the logits are large.
+- ``"torch"`` (below) saves only ``|Q_s|`` per row. Forward is ``log_softmax(x / tau)`` per
+  (rows, K) block and backward recomputes ``softmax(x / tau)`` per block, both with PyTorch's
+  fused kernels: the official numerics, and few passes over memory.
+- ``"triton"`` (:mod:`.triton_kernels`, CUDA) streams each row once and saves the row max ``m``,
+  ``log sum exp(z - m)`` and ``|Q_s|``. Keeping ``(m, log_sum)`` rather than one ``lse`` lets
+  backward compute ``exp((z - m) - log_sum)`` with ``z - m`` exact near the max (``exp(z - lse)``
+  would cost ~1e-5 relative error for logits ~ 100). Its forward takes the loss relative to the
+  max, ``CE = sum_k Q_k (m - z_k) + |Q| log sum_k exp(z_k - m)``: both terms are >= 0, so
+  nothing cancels.
 
-Two engines compute the same statistics and gradient: ``"torch"`` (below, chunked over batch rows)
-and ``"triton"`` (:mod:`.triton_kernels`, CUDA only). :mod:`.dispatch` picks one.
+:mod:`.dispatch` picks the engine.
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .cross_entropy import other_view_targets
+
 # Elements of one float32 (V, rows, K) student chunk: bounds the transient memory of the torch engine
 # (a few such buffers live at once) independently of B.
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 22
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,82 +43,63 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_chunk_rows(num_views: int, num_classes: int) -> int:
-    """Batch rows per chunk so one float32 (V, rows, K) block holds about ``CHUNK_ELEMENTS``."""
+    """Rows per block so one float32 (num_views, rows, K) block holds about ``CHUNK_ELEMENTS``."""
     return max(1, CHUNK_ELEMENTS // (num_views * num_classes))
 
 
-def _targets(probs: Tensor) -> tuple[Tensor, Tensor]:
-    """Targets of a (T, rows, K) probability block: (T, rows, K) for the global views and the
-    (rows, K) sum of all views, which every local view shares.
-
-    Sums are built from the kept views in view order (not ``total - q_s``), exactly as
-    :func:`.cross_entropy.other_view_targets`, so both round identically.
-    """
-    num_teacher = probs.shape[0]
-    total = probs[0]
-    for t in range(1, num_teacher):
-        total = total + probs[t]
-    if num_teacher == 1:  # view 0 is paired with no teacher view
-        return torch.zeros_like(probs), total
-    if num_teacher == 2:  # the official layout: Q_0 = P_1, Q_1 = P_0, no arithmetic at all
-        return probs.flip(0), total
-    per_view = []
-    for s in range(num_teacher):
-        kept = [probs[t] for t in range(num_teacher) if t != s]
-        target = kept[0]
-        for q in kept[1:]:
-            target = target + q
-        per_view.append(target)
-    return torch.stack(per_view), total
+def _targets_and_mass(teacher: Tensor, num_views: int) -> tuple[list[Tensor], Tensor]:
+    """``Q_s`` for each student view (the local views share one tensor) and their (V, B) row sums."""
+    targets = other_view_targets(list(teacher.unbind(0)), num_views)
+    return targets, torch.stack(_once_per_tensor(lambda q: q.sum(dim=-1), targets))
 
 
-def _row_stats(z: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(cross-entropy, max, log sum exp(z - max), target mass) of each row of ``z`` (..., K) vs ``q``.
+def _once_per_tensor(fn: Any, tensors: list[Tensor]) -> list[Tensor]:
+    """``[fn(t) for t in tensors]``, computing ``fn`` once per distinct tensor object."""
+    done: dict[int, Tensor] = {}
+    for t in tensors:
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+    return [done[id(t)] for t in tensors]
 
-    ``q`` broadcasts against ``z``. Elementwise products and sums only: a matmul/einsum reduction
-    rounds worse (ln K on all-zero logits must come out to 1e-6).
-    """
-    m = z.amax(dim=-1, keepdim=True)
-    gap = m - z  # >= 0
-    log_s = torch.log(torch.exp(-gap).sum(dim=-1))
-    mass = q.sum(dim=-1).expand(log_s.shape)
-    ce = (q * gap).sum(dim=-1) + mass * log_s
-    return ce, m.squeeze(-1), log_s, mass
+
+def _row_blocks(num_views: int, batch: int, k: int, chunk_rows: Optional[int]):
+    """(view, first row, last row) blocks of at most ``chunk_rows`` rows of one view."""
+    chunk_rows = chunk_rows or default_chunk_rows(1, k)
+    for v in range(num_views):
+        for b0 in range(0, batch, chunk_rows):
+            yield v, b0, min(b0 + chunk_rows, batch)
 
 
 def torch_forward(
     student: Tensor, teacher: Tensor, student_temp: float, num_views: int, chunk_rows: Optional[int] = None
 ) -> tuple[Tensor, Tensor]:
-    """Per-row statistics of the fused cross-entropy, pure PyTorch.
+    """Per-row cross-entropies of the fused loss, pure PyTorch, one (rows, K) block at a time.
+
+    Each block is ``log_softmax(x / tau)`` (one fused kernel, the official numerics) times its
+    target, summed over K; the block is freed before the next, so nothing of size (V, B, K) lives.
 
     Args:
-        student: (V*B, K) crop-major logits, any floating dtype (upcast one chunk at a time).
+        student: (V*B, K) crop-major logits, any floating dtype (upcast one block at a time).
         teacher: (T, B, K) probabilities in the compute dtype.
         student_temp: tau.
         num_views: V.
-        chunk_rows: batch rows per chunk (all V views of them at once); None: ``default_chunk_rows``.
+        chunk_rows: rows per block (default: about ``CHUNK_ELEMENTS`` elements per block).
 
     Returns:
         ``(ce, stats)`` in the compute dtype: ce (V*B,) the row cross-entropies ``-<Q_s, log p_s>``;
-        stats (3, V*B) the row max ``m`` of ``z = x / tau``, ``log sum exp(z - m)`` and the row sum
-        of ``Q_s``.
+        stats (1, V*B) the row sums of ``Q_s`` (what backward needs besides the logits).
     """
-    num_teacher, batch, k = teacher.shape
+    _, batch, k = teacher.shape
     dtype = compute_dtype(student.dtype)
-    chunk_rows = chunk_rows or default_chunk_rows(num_views, k)
     views = student.unflatten(0, (num_views, batch))
-    pieces: list[list[Tensor]] = []
-    for b0 in range(0, batch, chunk_rows):
-        b1 = min(b0 + chunk_rows, batch)
-        z = views[:, b0:b1].to(dtype) / student_temp  # (V, rows, K): the only upcast copy
-        targets, total = _targets(teacher[:, b0:b1])
-        stats = list(_row_stats(z[:num_teacher], targets))  # few large ops per chunk, not per view
-        if num_views > num_teacher:
-            local = _row_stats(z[num_teacher:], total)  # the local views all share one target
-            stats = [torch.cat([g, l]) for g, l in zip(stats, local)]
-        pieces.append(stats)  # 4 x (V, rows)
-    ce, row_max, log_sum, mass = (torch.cat(col, dim=1).flatten() for col in zip(*pieces))
-    return ce, torch.stack([row_max, log_sum, mass])
+    targets, mass = _targets_and_mass(teacher, num_views)
+    ce = torch.empty((num_views, batch), dtype=dtype, device=student.device)
+    for v, b0, b1 in _row_blocks(num_views, batch, k, chunk_rows):
+        log_p = torch.log_softmax(views[v, b0:b1].to(dtype) / student_temp, dim=-1)
+        # Elementwise product + sum: a matmul/einsum reduction rounds worse (ln K must come out
+        # to 1e-6 on all-zero logits).
+        ce[v, b0:b1] = log_p.mul_(targets[v][b0:b1]).sum(dim=-1).neg_()
+    return ce.flatten(), mass.reshape(1, -1)
 
 
 def torch_backward(
@@ -127,32 +111,27 @@ def torch_backward(
     num_views: int,
     chunk_rows: Optional[int] = None,
 ) -> Tensor:
-    """``(mass * softmax(z / tau) - Q) * scale`` for every student row, in the student's dtype.
+    """``(mass * softmax(x / tau) - Q) * scale`` for every student row, in the student's dtype.
 
     Args:
         scale: 0-dim tensor ``g / (tau * B * n_pairs)`` in the compute dtype.
         student, teacher, student_temp, num_views, chunk_rows: as :func:`torch_forward`.
-        stats: (3, V*B) statistics from :func:`torch_forward`.
+        stats: (1, V*B) target row sums from :func:`torch_forward`.
 
     Returns:
-        (V*B, K) gradient, dtype of ``student``; the float32 softmax is recomputed chunk by chunk.
+        (V*B, K) gradient, dtype of ``student``; the softmax is recomputed block by block with the
+        fused kernel, so backward also holds only one (rows, K) float32 block at a time.
     """
-    num_teacher, batch, k = teacher.shape
+    _, batch, k = teacher.shape
     dtype = compute_dtype(student.dtype)
-    chunk_rows = chunk_rows or default_chunk_rows(num_views, k)
     views = student.unflatten(0, (num_views, batch))
+    # Scale the (at most T + 1 distinct) targets once, not once per block of every view.
+    targets = _once_per_tensor(lambda q: q * scale, other_view_targets(list(teacher.unbind(0)), num_views))
+    mass = stats.view(num_views, batch, 1) * scale
     grad = torch.empty((num_views, batch, k), dtype=student.dtype, device=student.device)
-    row_max, log_sum, mass = (x.view(num_views, batch, 1) for x in stats)
-    for b0 in range(0, batch, chunk_rows):
-        b1 = min(b0 + chunk_rows, batch)
-        z = views[:, b0:b1].to(dtype) / student_temp
-        targets, total = _targets(teacher[:, b0:b1])
-        p = torch.exp((z - row_max[:, b0:b1]) - log_sum[:, b0:b1])  # softmax, all views at once
-        g = slice(0, num_teacher)
-        grad[g, b0:b1] = ((mass[g, b0:b1] * p[g] - targets) * scale).to(student.dtype)
-        if num_views > num_teacher:
-            rest = slice(num_teacher, None)
-            grad[rest, b0:b1] = ((mass[rest, b0:b1] * p[rest] - total) * scale).to(student.dtype)
+    for v, b0, b1 in _row_blocks(num_views, batch, k, chunk_rows):
+        p = torch.softmax(views[v, b0:b1].to(dtype) / student_temp, dim=-1)
+        torch.sub(p.mul_(mass[v, b0:b1]), targets[v][b0:b1], out=grad[v, b0:b1])
     return grad.view(student.shape)
 
 
