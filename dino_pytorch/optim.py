@@ -96,7 +96,9 @@ def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimiz
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Official per-step assignment: every group gets ``lr``; only group 0 gets ``weight_decay``."""
+    # Plain floats: numpy scalars from the schedule arrays would make the optimizer's state_dict
+    # unloadable with torch.load(weights_only=True).
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = lr
+        group["lr"] = float(lr)
         if i == 0:
-            group["weight_decay"] = weight_decay
+            group["weight_decay"] = float(weight_decay)
