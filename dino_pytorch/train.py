@@ -93,6 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_accum_steps", default=1, type=int)
     p.add_argument("--max_steps", default=None, type=int,
                    help="total optimizer steps; the schedules then span exactly these steps")
+    p.add_argument("--warmup_steps", default=None, type=int, help="linear lr warm-up in steps (overrides --warmup_epochs)")
     p.add_argument("--time_budget_min", default=None, type=float, help="stop (and checkpoint) after this long")
     p.add_argument("--knn_every", default=0, type=int, help="k-NN evaluation every N steps (0: only at the end)")
     p.add_argument("--knn_train_subset", default=None, type=int, help="periodic k-NN on the first N train images")
@@ -108,6 +109,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden_dim", default=2048, type=int)
     p.add_argument("--bottleneck_dim", default=256, type=int)
     p.add_argument("--width", default=32, type=int, help="convnet width")
+    p.add_argument("--pool", default=1, type=int, help="convnet: average-pool the last map to pool x pool cells")
+    p.add_argument("--vit_depth", default=None, type=int, help="ViT: blocks (default: the arch's 12)")
+    p.add_argument("--vit_embed_dim", default=None, type=int, help="ViT: width (default: the arch's)")
     p.add_argument("--attention_maps", default=4, type=int, help="ViT only: attention PNGs of N test images at the end")
     p.add_argument("--no_progress", action="store_true", help="plain log lines instead of a tqdm bar")
     return p
@@ -201,10 +205,11 @@ def build_backbone(args: argparse.Namespace) -> nn.Module:
     from .models import create_model
 
     if args.arch in VIT_ARCHS:
+        sizes = {k: v for k, v in (("depth", args.vit_depth), ("embed_dim", args.vit_embed_dim)) if v is not None}
         return create_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
-                            img_size=args.global_crop_size, in_chans=args.in_chans)
+                            img_size=args.global_crop_size, in_chans=args.in_chans, **sizes)
     if args.arch == "convnet":
-        return create_model("convnet", in_chans=args.in_chans, width=args.width)
+        return create_model("convnet", in_chans=args.in_chans, width=args.width, pool=args.pool)
     if args.arch.startswith("timm:"):
         # num_classes=0: no dead classifier parameters (DDP would wait for their gradients).
         return create_model(args.arch, in_chans=args.in_chans, num_classes=0, drop_path_rate=args.drop_path_rate)
@@ -316,12 +321,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_steps:
         total_steps = args.max_steps
         epochs = math.ceil(total_steps / steps_per_epoch)
-        warmup_steps = min(args.warmup_epochs * steps_per_epoch, total_steps)
+        warmup_steps = min(args.warmup_epochs * steps_per_epoch if args.warmup_steps is None else args.warmup_steps, total_steps)
         sched = lambda base, final, warm=0: cosine_scheduler(base, final, total_steps, 1, warm)  # noqa: E731
     else:
         total_steps, epochs = args.epochs * steps_per_epoch, args.epochs
-        warmup_steps = args.warmup_epochs * steps_per_epoch
-        sched = lambda base, final, warm=0: cosine_scheduler(base, final, epochs, steps_per_epoch, warm // steps_per_epoch)  # noqa: E731
+        if args.warmup_steps is None:  # the official epoch-based arrays, element for element
+            warmup_steps = args.warmup_epochs * steps_per_epoch
+            sched = lambda base, final, warm=0: cosine_scheduler(base, final, epochs, steps_per_epoch, warm // steps_per_epoch)  # noqa: E731
+        else:
+            warmup_steps = min(args.warmup_steps, total_steps)
+            sched = lambda base, final, warm=0: cosine_scheduler(base, final, total_steps, 1, warm)  # noqa: E731
     dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
                          min(args.warmup_teacher_temp_epochs, epochs), epochs, center_update="manual").to(device)
     optimizer = build_optimizer(args.optimizer, get_params_groups(student))
@@ -365,22 +374,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         save_checkpoint(path, state)
 
     # ---- logging ---------------------------------------------------------------------------------
-    random_init_knn = None
-    if is_main and start_step == 0 and not args.no_final_knn:
-        random_init_knn = knn_accuracy(features, args, mean, std, device)
-        print(f"k-NN top-1 at random init: {random_init_knn:.2f}%", flush=True)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": 0, "knn_top1": random_init_knn}) + "\n")
-    progress = None
-    if is_main and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="DINO")
-
     def log(record: dict[str, Any]) -> None:
         if is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    random_init_knn = None
+    if is_main and start_step == 0 and args.knn_every:
+        log({"step": 0, "knn_top1": knn_accuracy(features, args, mean, std, device, args.knn_train_subset,
+                                                 args.knn_test_subset),
+             "knn_subset": [args.knn_train_subset, args.knn_test_subset]})
+    if is_main and start_step == 0 and not args.no_final_knn:
+        random_init_knn = knn_accuracy(features, args, mean, std, device)
+        print(f"k-NN top-1 at random init: {random_init_knn:.2f}%", flush=True)
+        log({"step": 0, "knn_top1": random_init_knn, "random_init": True})
+    progress = None
+    if is_main and not args.no_progress:
+        try:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="DINO")
+        except ImportError:  # an optional extra: fall back to JSON lines
+            print("tqdm is not installed (pip install 'dino-pytorch[train]'): logging JSON lines", flush=True)
 
     # ---- training loop ---------------------------------------------------------------------------
     start_time = time.time()

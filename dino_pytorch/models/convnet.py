@@ -1,6 +1,7 @@
 """A small ConvNet for 28x28 greyscale images (Fashion-MNIST), fast enough for 2 CPU cores."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -16,18 +17,22 @@ def _stage(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class ConvNet(nn.Module):
-    """Stages of two 3x3 conv-BN-ReLU, 2x2 max-pool between stages, global average pool.
+    """Stages of two 3x3 conv-BN-ReLU, 2x2 max-pool between stages, adaptive average pool.
 
-    Widths double per stage (``width``, ``2 width``, ...). Any input size works, so global and
-    local crops share the network.
+    Widths double per stage (``width``, ``2 width``, ...). The last feature map is average-pooled
+    to ``pool x pool`` cells and flattened: ``pool=1`` is global average pooling; ``pool=2`` keeps
+    a coarse layout (top/bottom, left/right), which matters for small grey images where the shape
+    is the class. Any input size works, so global and local crops share the network.
 
-    Shapes: (B, in_chans, H, W) -> (B, embed_dim) with ``embed_dim = width * 2**(stages-1)``.
+    Shapes: (B, in_chans, H, W) -> (B, embed_dim) with ``embed_dim = width * 2**(stages-1) * pool**2``.
     """
 
-    def __init__(self, in_chans: int = 1, width: int = 32, stages: int = 3) -> None:
+    def __init__(self, in_chans: int = 1, width: int = 32, stages: int = 3, pool: int = 1) -> None:
         super().__init__()
-        if stages < 1 or width < 1 or in_chans < 1:
-            raise ValueError(f"ConvNet: in_chans={in_chans}, width={width}, stages={stages}; expected positive ints")
+        if stages < 1 or width < 1 or in_chans < 1 or pool < 1:
+            raise ValueError(
+                f"ConvNet: in_chans={in_chans}, width={width}, stages={stages}, pool={pool}; expected positive ints"
+            )
         layers: list[nn.Module] = []
         c_in = in_chans
         for i in range(stages):
@@ -37,7 +42,11 @@ class ConvNet(nn.Module):
             layers.append(_stage(c_in, c_out))
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.embed_dim = c_in
+        self.pool = pool
+        self.embed_dim = c_in * pool * pool
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        x = self.features(x)
+        if self.pool == 1:
+            return x.mean(dim=(2, 3))
+        return F.adaptive_avg_pool2d(x, self.pool).flatten(1)
