@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("matplotlib")
-import matplotlib.image  # noqa: E402
+import matplotlib.image  # noqa: E402  (matplotlib: the [dev]/[train] extras)
 
 from dino_pytorch.models import vit_tiny  # noqa: E402
 from dino_pytorch.visualize import (  # noqa: E402

@@ -220,7 +220,6 @@ def test_registry():
 
 
 def test_registry_timm(monkeypatch):
-    pytest.importorskip("timm")
     model = create_model("timm:resnet10t", num_classes=0).eval()
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 512)
     with pytest.raises(ValueError, match="no model named 'not_a_model'"):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-    pytest.skip("needs triton and TRITON_INTERPRET=1", allow_module_level=True)
+    # Collected only through tests/test_triton_interpret.py, which sets the variable: fail loudly.
+    raise ImportError("tests/triton_interpret needs triton and TRITON_INTERPRET=1 set before triton is imported")
 
 from dino_pytorch.ops import MultiviewCrossEntropy  # noqa: E402
 from dino_pytorch.ops import triton_kernels as tk  # noqa: E402
