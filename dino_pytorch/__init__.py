@@ -1,5 +1,6 @@
 """dino-pytorch: DINO self-supervised learning, composable and numerically official."""
 from ._version import __version__
+from .batched_transforms import BatchedMultiCrop
 from .dino import DINO
 from .head import DINOHead
 from .loss import DINOLoss
@@ -10,6 +11,7 @@ from .wrapper import MultiCropWrapper
 
 __all__ = [
     "__version__",
+    "BatchedMultiCrop",
     "DINO",
     "DINOHead",
     "DINOLoss",

@@ -251,7 +251,7 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 
 def plot_curves(log_path_or_records: Records, out_png: Union[str, os.PathLike]) -> Path:
-    """Plot ``train_loss`` (and ``knn_top1`` / ``knn_top5`` when present) to ``out_png``.
+    """Plot ``train_loss`` (and ``knn_top1`` / ``knn_top1_subset`` / ``knn_top5`` when present) to ``out_png``.
 
     Args:
         log_path_or_records: a JSONL file (``log.txt``) or an iterable of dicts such as
@@ -263,7 +263,8 @@ def plot_curves(log_path_or_records: Records, out_png: Union[str, os.PathLike]) 
     else:
         records = [dict(r) for r in log_path_or_records]
     loss = _series(records, "train_loss")
-    knn = [(k, _series(records, k)) for k in ("knn_top1", "knn_top5")]
+    # Full-set and subset k-NN are different measurements: separate lines, never joined.
+    knn = [(k, _series(records, k)) for k in ("knn_top1", "knn_top1_subset", "knn_top5")]
     knn = [(k, s) for k, s in knn if s[0]]
     if not loss[0] and not knn:
         raise ValueError(f"{log_path_or_records!r}: no train_loss or knn_top1 values to plot")
