@@ -109,12 +109,22 @@ class DINOLoss(nn.Module):
         )
         self._needs_epoch = warmup_teacher_temp_epochs > 0 and warmup_teacher_temp != teacher_temp
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # Pending centre statistics: not in the state_dict, so `center` stays its only entry
-        # (an official checkpoint's `dino_loss` entry loads as is).
-        self.register_buffer("_center_sum", torch.zeros(1, out_dim), persistent=False)
-        # A tensor, not a Python int: an int attribute that changes every call makes torch.compile
+        # Pending centre statistics are plain tensor attributes, not buffers: not in the state_dict
+        # (so `center` stays its only entry and an official `dino_loss` entry loads as is), and
+        # not broadcast by DDP from rank 0 at every forward (which would drop the other ranks'
+        # micro-batches under gradient accumulation). `_apply` moves them with the module. The
+        # count is a tensor, not a Python int: an int that changes every call makes torch.compile
         # re-trace (and fail under fullgraph=True) in center_update="manual" mode.
-        self.register_buffer("_center_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._center_sum = torch.zeros(1, out_dim)
+        self._center_count = torch.zeros((), dtype=torch.int64)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._apply(fn, *args, **kwargs)
+        # Follow the centre's device only: the statistics stay float32 / int64 whatever .half() does.
+        device = self.center.device
+        self._center_sum = self._center_sum.to(device)
+        self._center_count = self._center_count.to(device)
+        return self
 
     # -- teacher temperature -------------------------------------------------------------------
     def teacher_temp_at(self, epoch: Optional[int]) -> float:

@@ -242,3 +242,15 @@ def test_epoch_beyond_schedule_and_missing_epoch():
 def test_ncrops_mismatch_with_list_input():
     with pytest.raises(ValueError, match="ncrops=4"):
         DINOLoss(K, ncrops=4)([torch.randn(2, K)] * 3, [torch.randn(2, K)] * 2)
+
+
+def test_pending_center_statistics_are_not_buffers():
+    # DDP broadcasts buffers from rank 0 at every forward: pending sums must not be buffers.
+    loss_fn = DINOLoss(K, center_update="manual")
+    assert [name for name, _ in loss_fn.named_buffers()] == ["center"]
+    s, t = make()
+    loss_fn.half()  # statistics keep their float32/int64 accumulators
+    loss_fn(s, t)
+    assert loss_fn._center_sum.dtype == torch.float32 and loss_fn._center_count.item() == t.shape[0]
+    loss_fn.to("meta")
+    assert loss_fn._center_sum.device.type == "meta"
