@@ -90,6 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 when --use_fp16 and on CUDA, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
+    p.add_argument("--channels_last", action="store_true",
+                   help="NHWC weights and views: ~1.6x faster convnet/ResNet steps on CPU (oneDNN)")
     p.add_argument("--grad_accum_steps", default=1, type=int)
     p.add_argument("--max_steps", default=None, type=int,
                    help="total optimizer steps; the schedules then span exactly these steps")
@@ -323,6 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if world_size > 1 and device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student.to(device)
+    if args.channels_last:
+        student.to(memory_format=torch.channels_last)  # 4-D weights only; the teacher copies the layout
     teacher = EMATeacher(student)  # official: same weights and buffers, frozen, stays in train mode
     last_layer = head.last_layer_parameters()
     student_ddp: nn.Module = student
@@ -409,7 +413,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             from tqdm import tqdm
 
-            progress = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="DINO")
+            # Redirected to a file, a bar redrawn 10 times a second floods the log: redraw every 30 s.
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            progress = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="DINO",
+                            mininterval=interval, maxinterval=max(interval, 10.0))
         except ImportError:  # an optional extra: fall back to JSON lines
             print("tqdm is not installed (pip install 'dino-pytorch[train]'): logging JSON lines", flush=True)
 
@@ -436,6 +443,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     views = augment_on_device(images.to(device, non_blocking=True), generator=generator)
                 else:
                     views = [im.to(device, non_blocking=True) for im in images]
+                if args.channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 sync = contextlib.nullcontext()
                 if world_size > 1 and micro < args.grad_accum_steps - 1:
                     sync = student_ddp.no_sync()  # all-reduce gradients once per optimizer step
