@@ -91,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="default: fp16 when --use_fp16 and on CUDA, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     p.add_argument("--channels_last", action="store_true",
-                   help="NHWC weights and views: ~1.6x faster convnet/ResNet steps on CPU (oneDNN)")
+                   help="NHWC conv weights and views (oneDNN's faster CPU kernels); measured on the "
+                        "Fashion-MNIST ConvNet: 0.45 -> 0.37 s per step, 0.30 s with --precision bf16")
     p.add_argument("--grad_accum_steps", default=1, type=int)
     p.add_argument("--max_steps", default=None, type=int,
                    help="total optimizer steps; the schedules then span exactly these steps")
