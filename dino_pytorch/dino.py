@@ -130,11 +130,9 @@ class DINO(nn.Module):
             )
         teacher_out = self.teacher(list(views[: self.num_global_views]))
         student_out = self.student(list(views))
+        # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
         return self.criterion(
-            list(student_out.chunk(len(views))),
-            list(teacher_out.chunk(self.num_global_views)),
-            epoch,
-            teacher_temp=teacher_temp,
+            student_out, teacher_out, epoch, teacher_temp=teacher_temp, num_teacher_views=self.num_global_views
         )
 
     def update_teacher(self, momentum: Optional[float] = None) -> float:

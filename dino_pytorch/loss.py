@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from . import distributed
 from .ops import centered_teacher_softmax, multiview_cross_entropy, sinkhorn_knopp, teacher_column_sum
 from .schedules import teacher_temp_schedule
+from .validate import check_positive_int
 
 Views = Union[Tensor, Sequence[Tensor]]
 
@@ -181,15 +182,26 @@ class DINOLoss(nn.Module):
                 raise TypeError(f"{name} view {i} has dtype {v.dtype}, expected a floating dtype (logits)")
         return views
 
-    def _views(self, student_output: Views, teacher_output: Views) -> tuple[list[Tensor], list[Tensor]]:
-        if not isinstance(student_output, Tensor) or self.ncrops is not None:
+    def _views(
+        self, student_output: Views, teacher_output: Views, num_teacher_views: Optional[int] = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        if num_teacher_views is not None:
+            num_teacher_views = check_positive_int("num_teacher_views", num_teacher_views)
+            concatenated = isinstance(teacher_output, Tensor)
+            teacher = self._split("teacher_output", teacher_output, num_views=num_teacher_views if concatenated else None)
+            if len(teacher) != num_teacher_views:
+                raise ValueError(
+                    f"teacher_output has {len(teacher)} views, expected num_teacher_views={num_teacher_views}"
+                )
+            student = self._split("student_output", student_output, num_views=self.ncrops, batch=teacher[0].shape[0])
+        elif not isinstance(student_output, Tensor) or self.ncrops is not None:
             student = self._split("student_output", student_output, num_views=self.ncrops)
             teacher = self._split("teacher_output", teacher_output, batch=student[0].shape[0])
         elif not isinstance(teacher_output, Tensor):
             teacher = self._split("teacher_output", teacher_output)
             student = self._split("student_output", student_output, batch=teacher[0].shape[0])
         else:
-            # Both concatenated and ncrops unknown: the official layout, two global teacher views.
+            # Both concatenated and no view count given: the official layout, two global teacher views.
             teacher = self._split("teacher_output", teacher_output, num_views=2)
             student = self._split("student_output", student_output, batch=teacher[0].shape[0])
         if self.ncrops is not None and len(student) != self.ncrops:
@@ -273,6 +285,7 @@ class DINOLoss(nn.Module):
         epoch: Optional[int] = None,
         *,
         teacher_temp: Optional[float] = None,
+        num_teacher_views: Optional[int] = None,
     ) -> Tensor:
         """Loss of the student views against the teacher views; see the class docstring for shapes.
 
@@ -281,8 +294,10 @@ class DINOLoss(nn.Module):
             teacher_output: (T*B, K) or list of T (B, K) teacher logits (T <= V).
             epoch: index into the teacher temperature schedule (official semantics).
             teacher_temp: a temperature for this call, overriding the schedule (per-step schedules).
+            num_teacher_views: T, to split a concatenated ``teacher_output``; without it (and
+                without ``ncrops``) two concatenated inputs are read as the official T = 2.
         """
-        student, teacher = self._views(student_output, teacher_output)
+        student, teacher = self._views(student_output, teacher_output, num_teacher_views)
         temp = self.teacher_temp_at(epoch) if teacher_temp is None else _check_temperature("teacher_temp", teacher_temp)
         concatenated = teacher_output if isinstance(teacher_output, Tensor) else None
         probs = self._teacher_prob_stack(teacher, temp, concatenated)  # centre from before this step

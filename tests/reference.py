@@ -10,13 +10,13 @@ import math
 import torch
 
 
-def official_loss(student, teacher, center, teacher_temp, student_temp=0.1, center_momentum=0.9, ncrops=None):
+def official_loss(student, teacher, center, teacher_temp, student_temp=0.1, center_momentum=0.9, ncrops=None,
+                  n_teacher=2):
     """Per-pair loop of the official DINOLoss.forward. Returns (loss, new_center) in float64.
 
-    student: (V*B, K); teacher: (2*B, K); center: (1, K).
+    student: (V*B, K); teacher: (n_teacher*B, K) (official: 2); center: (1, K).
     """
     student, teacher, center = student.double(), teacher.double(), center.double()
-    n_teacher = 2
     batch = teacher.shape[0] // n_teacher
     ncrops = ncrops or student.shape[0] // batch
     s = [student[v * batch:(v + 1) * batch] / student_temp for v in range(ncrops)]
