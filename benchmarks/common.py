@@ -39,14 +39,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward while running ``fn`` (distinct storages)."""
+def saved_tensor_bytes(fn: Callable[[], torch.Tensor], exclude: Optional[torch.Tensor] = None) -> int:
+    """Bytes of the tensors autograd saves for backward while running ``fn`` (distinct storages),
+    leaving out ``exclude``'s storage (e.g. logits kept alive anyway)."""
     seen: dict[int, int] = {}
+    skip = None if exclude is None else exclude.untyped_storage().data_ptr()
 
     def pack(t: torch.Tensor):
         try:
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() != skip:
+                seen[storage.data_ptr()] = storage.nbytes()
         except RuntimeError:
             pass
         return t

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, not installed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, not installed
+from common import median_time, peak_rss_mb, saved_tensor_bytes, sync, table  # noqa: E402
 from dino_pytorch.ops import MultiviewCrossEntropy, multiview_cross_entropy_reference  # noqa: E402
-from dino_pytorch.ops import teacher as teacher_ops  # noqa: E402
+from dino_pytorch.ops import teacher_targets  # noqa: E402
 from dino_pytorch.ops.dispatch import centered_teacher_softmax, triton_importable  # noqa: E402
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (student (V*B, K), teacher logits (T*B, K), centre)
@@ -88,7 +89,7 @@ def lightly_installed(args: argparse.Namespace) -> LossFn:
 
 def reference(args: argparse.Namespace) -> LossFn:
     def fn(student: Tensor, teacher: Tensor, center: Tensor) -> Tensor:
-        probs = teacher_ops.centered_teacher_softmax(teacher, center, args.teacher_temp).chunk(args.teacher_views)
+        probs = teacher_targets.centered_teacher_softmax(teacher, center, args.teacher_temp).chunk(args.teacher_views)
         return multiview_cross_entropy_reference(list(student.chunk(args.views)), list(probs), args.student_temp)
 
     return fn
@@ -100,7 +101,7 @@ def fused(engine: str) -> Callable[[argparse.Namespace], LossFn]:
             if engine == "triton":
                 probs = centered_teacher_softmax(teacher, center, args.teacher_temp)  # Triton kernel on CUDA
             else:
-                probs = teacher_ops.centered_teacher_softmax(teacher, center, args.teacher_temp)
+                probs = teacher_targets.centered_teacher_softmax(teacher, center, args.teacher_temp)
             probs = probs.view(args.teacher_views, args.batch, -1)
             return MultiviewCrossEntropy.apply(student, probs, args.student_temp, args.views, None, engine)
 
@@ -120,11 +121,6 @@ ROWS: dict[str, Callable[[argparse.Namespace], LossFn]] = {
 
 
 # -- measurement -------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def inputs(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -133,22 +129,6 @@ def inputs(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tens
     teacher = torch.randn(args.teacher_views * args.batch, args.k, generator=g).mul_(0.3).clamp_(-1, 1)
     center = torch.zeros(1, args.k)
     return (student.to(device, dtype).requires_grad_(True), teacher.to(device, dtype), center.to(device))
-
-
-def saved_bytes(run: Callable[[], Tensor], exclude: Tensor) -> int:
-    seen: dict[int, int] = {}
-    skip = exclude.untyped_storage().data_ptr()
-
-    def pack(t: Tensor) -> Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr != skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    del out
-    return sum(seen.values())
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -176,20 +156,12 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = peak_rss_mb()
         step()
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+        peak = (peak_rss_mb() - base) * 2**20
+    ms = 1e3 * median_time(step, args.repeats, args.warmup, device)
     student.grad = None
-    return {"ms": 1e3 * statistics.median(times), "saved": saved_bytes(run, student), "peak": peak}
+    return {"ms": ms, "saved": saved_tensor_bytes(run, exclude=student), "peak": peak}
 
 
 def interleaved_times(names: list[str], args: argparse.Namespace) -> dict[str, float]:
@@ -268,11 +240,6 @@ def triton_bandwidth(args: argparse.Namespace) -> list[list[object]]:
 
 
 # -- main --------------------------------------------------------------------------------------
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")

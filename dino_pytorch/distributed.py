@@ -18,14 +18,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place over all ranks; returns it. Identity without a process group."""
     if is_distributed() and get_world_size() > 1:

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
+from .validate import check_positive_ints
+
 # Official checkpoints store the old `nn.utils.weight_norm` names; the parametrization stores the
 # same two tensors (gain g, direction v) under these names.
 _OFFICIAL_TO_PARAMETRIZED = {
@@ -53,10 +55,9 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
     ) -> None:
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
-                            ("bottleneck_dim", bottleneck_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DINOHead: {name}={value!r}, expected a positive int")
+        in_dim, out_dim, hidden_dim, bottleneck_dim = check_positive_ints(
+            in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim
+        )
         nlayers = max(nlayers, 1)
         self.in_dim, self.out_dim = in_dim, out_dim
         if nlayers == 1:

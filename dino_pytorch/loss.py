@@ -1,7 +1,6 @@
 """DINOLoss: centring (or Sinkhorn-Knopp), sharpening and the multi-view cross-entropy."""
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional, Sequence, Union
 
 import torch
@@ -10,15 +9,16 @@ from torch import Tensor, nn
 from . import distributed
 from .ops import centered_teacher_softmax, multiview_cross_entropy, sinkhorn_knopp, teacher_column_sum
 from .schedules import teacher_temp_schedule
-from .validate import check_positive_int
+from .validate import (
+    check_choice,
+    check_int,
+    check_optional_positive_int,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+)
 
 Views = Union[Tensor, Sequence[Tensor]]
-
-
-def _check_temperature(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r}, expected a finite number > 0")
-    return float(value)
 
 
 class DINOLoss(nn.Module):
@@ -77,32 +77,18 @@ class DINOLoss(nn.Module):
         center_update: Literal["forward", "manual"] = "forward",
     ) -> None:
         super().__init__()
-        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
-            raise ValueError(f"out_dim={out_dim!r}, expected a positive int")
-        if ncrops is not None and (isinstance(ncrops, bool) or not isinstance(ncrops, int) or ncrops < 2):
-            raise ValueError(f"ncrops={ncrops!r}, expected None or an int >= 2 (DINO needs two views)")
-        if not isinstance(warmup_teacher_temp_epochs, int) or warmup_teacher_temp_epochs < 0:
-            raise ValueError(f"warmup_teacher_temp_epochs={warmup_teacher_temp_epochs!r}, expected an int >= 0")
-        if nepochs is not None and (not isinstance(nepochs, int) or nepochs < 1):
-            raise ValueError(f"nepochs={nepochs!r}, expected None or a positive int")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum={center_momentum!r}, expected a value in [0, 1]")
-        if centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"centering={centering!r}, expected 'centering' or 'sinkhorn_knopp'")
-        if center_update not in ("forward", "manual"):
-            raise ValueError(f"center_update={center_update!r}, expected 'forward' or 'manual'")
-        if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 1:
-            raise ValueError(f"sinkhorn_iterations={sinkhorn_iterations!r}, expected an int >= 1")
-        self.out_dim = out_dim
-        self.ncrops = ncrops
-        self.student_temp = _check_temperature("student_temp", student_temp)
-        self.teacher_temp = _check_temperature("teacher_temp", teacher_temp)
-        self.warmup_teacher_temp = _check_temperature("warmup_teacher_temp", warmup_teacher_temp)
-        self.center_momentum = float(center_momentum)
-        self.centering = centering
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.center_update = center_update
-        self.nepochs = nepochs
+        self.out_dim = out_dim = check_positive_int("out_dim", out_dim)
+        # DINO needs two views: ncrops (when given) is at least 2.
+        self.ncrops = ncrops if ncrops is None else check_int("ncrops", ncrops, 2)
+        warmup_teacher_temp_epochs = check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, 0)
+        self.nepochs = nepochs = check_optional_positive_int("nepochs", nepochs)
+        self.student_temp = check_positive_float("student_temp", student_temp)
+        self.teacher_temp = check_positive_float("teacher_temp", teacher_temp)
+        self.warmup_teacher_temp = check_positive_float("warmup_teacher_temp", warmup_teacher_temp)
+        self.center_momentum = check_probability("center_momentum", center_momentum)
+        self.centering = check_choice("centering", centering, ("centering", "sinkhorn_knopp"))
+        self.sinkhorn_iterations = check_positive_int("sinkhorn_iterations", sinkhorn_iterations)
+        self.center_update = check_choice("center_update", center_update, ("forward", "manual"))
         # Plain Python floats, not a numpy array: no host round trip, and torch.compile friendly.
         length = nepochs if nepochs is not None else warmup_teacher_temp_epochs
         self.teacher_temp_schedule = teacher_temp_schedule(
@@ -137,8 +123,7 @@ class DINOLoss(nn.Module):
                     "(an int) or teacher_temp= to forward()"
                 )
             return self.teacher_temp
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch={epoch!r}, expected a non-negative int")
+        epoch = check_int("epoch", epoch, 0)
         if self.nepochs is not None and epoch >= self.nepochs:
             raise ValueError(
                 f"epoch={epoch} is beyond the teacher temperature schedule of nepochs={self.nepochs}; "
@@ -298,7 +283,7 @@ class DINOLoss(nn.Module):
                 without ``ncrops``) two concatenated inputs are read as the official T = 2.
         """
         student, teacher = self._views(student_output, teacher_output, num_teacher_views)
-        temp = self.teacher_temp_at(epoch) if teacher_temp is None else _check_temperature("teacher_temp", teacher_temp)
+        temp = self.teacher_temp_at(epoch) if teacher_temp is None else check_positive_float("teacher_temp", teacher_temp)
         concatenated = teacher_output if isinstance(teacher_output, Tensor) else None
         probs = self._teacher_prob_stack(teacher, temp, concatenated)  # centre from before this step
         # The concatenated (V*B, K) logits go in as they are: the fused loss saves that very tensor

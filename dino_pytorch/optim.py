@@ -6,6 +6,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .validate import check_choice
+
 
 def get_params_groups(model: nn.Module) -> list[dict]:
     """The official two groups: weight-decayed (ndim > 1, not a bias) and not (biases, 1-D).
@@ -85,13 +87,12 @@ class LARS(torch.optim.Optimizer):
 
 def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimizer:
     """``adamw`` (defaults), ``sgd`` (lr 0, momentum 0.9) or ``lars``; lr/wd are set per step."""
+    check_choice("optimizer", name, ("adamw", "sgd", "lars"))
     if name == "adamw":
         return torch.optim.AdamW(params_groups)
     if name == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
-    if name == "lars":
-        return LARS(params_groups)
-    raise ValueError(f"optimizer={name!r}, expected 'adamw', 'sgd' or 'lars'")
+    return LARS(params_groups)
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -6,6 +6,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from .validate import check_int, check_positive_ints
+
 
 class ResumableSampler(Sampler[int]):
     """Shuffled, rank-sharded indices that can start at any batch of any epoch.
@@ -22,11 +24,10 @@ class ResumableSampler(Sampler[int]):
 
     def __init__(self, dataset_size: int, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"ResumableSampler: batch_size={batch_size}, rank={rank}, world_size={world_size}; "
-                "expected batch_size >= 1 and 0 <= rank < world_size"
-            )
+        batch_size, world_size = check_positive_ints(batch_size=batch_size, world_size=world_size)
+        rank = check_int("rank", rank, 0)
+        if rank >= world_size:
+            raise ValueError(f"rank={rank!r}, expected an int < world_size={world_size}")
         if dataset_size < batch_size * world_size:
             raise ValueError(
                 f"dataset_size={dataset_size} is smaller than one global batch "

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
 from typing import Any, Literal, Optional
 
@@ -10,12 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .schedules import cosine_value
-
-
-def _check_momentum(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}={value!r}, expected a momentum in [0, 1]")
-    return float(value)
+from .validate import check_choice, check_optional_positive_int, check_probability
 
 
 def _grouped(pairs: list[tuple[Tensor, Tensor]]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
@@ -64,14 +58,10 @@ class EMATeacher(nn.Module):
         super().__init__()
         if not isinstance(student, nn.Module):
             raise TypeError(f"student is a {type(student).__name__}, expected an nn.Module")
-        self.momentum = _check_momentum("momentum", momentum)
-        self.final_momentum = _check_momentum("final_momentum", final_momentum)
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps={total_steps!r}, expected None or a positive int")
-        if buffers not in ("keep", "copy", "ema"):
-            raise ValueError(f"buffers={buffers!r}, expected 'keep', 'copy' or 'ema'")
-        self.total_steps = total_steps
-        self.buffers_mode = buffers
+        self.momentum = check_probability("momentum", momentum)
+        self.final_momentum = check_probability("final_momentum", final_momentum)
+        self.total_steps = check_optional_positive_int("total_steps", total_steps)
+        self.buffers_mode = check_choice("buffers", buffers, ("keep", "copy", "ema"))
         self.module = copy.deepcopy(student)
         self.module.requires_grad_(False)
         if disable_drop_path:
@@ -113,7 +103,7 @@ class EMATeacher(nn.Module):
             momentum: m for this step; default: the schedule at the current step.
         """
         student = self._student if student is None else student
-        m = self.momentum_at(self.step) if momentum is None else _check_momentum("momentum", momentum)
+        m = self.momentum_at(self.step) if momentum is None else check_probability("momentum", momentum)
         params, buffers = self._pairs(student)
         for teacher_list, student_list in _grouped(params).values():
             # lerp(t, s, 1-m) = t + (1-m)(s - t): one read of each tensor, no temporaries.

@@ -45,6 +45,11 @@ def check_positive_int(name: str, value: Any, *, error: type = ValueError) -> in
     return int(value)
 
 
+def check_positive_ints(**values: Any) -> tuple[int, ...]:
+    """:func:`check_positive_int` on each keyword (``in_dim=in_dim, ...``); the values in order."""
+    return tuple(check_positive_int(name, value) for name, value in values.items())
+
+
 def check_optional_positive_int(name: str, value: Any) -> Optional[int]:
     """None, or an int ``>= 1``."""
     if value is None:

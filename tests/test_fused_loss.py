@@ -14,7 +14,7 @@ from dino_pytorch.ops import (
     teacher_column_sum,
 )
 from dino_pytorch.ops import dispatch
-from dino_pytorch.ops import teacher as teacher_ops
+from dino_pytorch.ops import teacher_targets
 from reference import official_loss
 
 
@@ -238,7 +238,7 @@ def test_teacher_ops_on_cpu(dtype):
     g = torch.Generator().manual_seed(1)
     t = torch.randn(6, 300, generator=g).to(dtype)
     center = torch.randn(1, 300, generator=g)
-    assert torch.equal(centered_teacher_softmax(t, center, 0.04), teacher_ops.centered_teacher_softmax(t, center, 0.04))
+    assert torch.equal(centered_teacher_softmax(t, center, 0.04), teacher_targets.centered_teacher_softmax(t, center, 0.04))
     column = teacher_column_sum(t)
     assert column.shape == (1, 300) and column.dtype == torch.float32
     assert rel(column, t.double().sum(0, keepdim=True)) <= 1e-6

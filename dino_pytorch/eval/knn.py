@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validate import check_optional_positive_int, check_positive_float, check_positive_int
 from ..wrapper import backbone_tensor
 
 __all__ = ["extract_features", "knn_classifier", "knn_eval", "main"]
@@ -68,19 +69,14 @@ def _check_inputs(
     _check_labels("train_labels", train_labels, n_train, "train_features")
     _check_labels("test_labels", test_labels, n_test, "test_features")
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r}, expected a positive int")
-        if k > n_train:
+        if check_positive_int("k", k) > n_train:
             raise ValueError(f"k={k} but there are only {n_train} training features, expected k <= {n_train}")
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
-        raise ValueError(f"T={T!r}, expected a positive temperature")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r}, expected a positive int or None")
+    check_positive_float("T", T)
+    check_optional_positive_int("chunk_size", chunk_size)
     max_label = max(int(train_labels.max()), int(test_labels.max()))
     if num_classes is None:
         return max_label + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r}, expected a positive int or None")
+    num_classes = check_positive_int("num_classes", num_classes)
     if max_label >= num_classes:
         raise ValueError(f"num_classes={num_classes} but a label is {max_label}, expected labels < num_classes")
     return num_classes
@@ -182,8 +178,7 @@ def knn_classifier(
     Shapes: train_features (N_train, D), train_labels (N_train,), test_features (N_test, D),
     test_labels (N_test,). See :func:`knn_eval` for the arguments.
     """
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"k={k!r}, expected a positive int")
+    k = check_positive_int("k", k)
     return knn_eval(train_features, train_labels, test_features, test_labels, (k,), T, num_classes,
                     chunk_size=chunk_size)[k]
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import get_world_size
+from ..validate import check_positive_int, check_positive_ints
 from ..wrapper import backbone_tensor
 
 __all__ = ["LinearClassifier", "vit_linear_features", "train_linear_probe", "main"]
@@ -32,9 +33,7 @@ class LinearClassifier(nn.Module):
 
     def __init__(self, dim: int, num_labels: int = 1000) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_labels", num_labels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LinearClassifier: {name}={value!r}, expected a positive int")
+        dim, num_labels = check_positive_ints(dim=dim, num_labels=num_labels)
         self.num_labels = num_labels
         self.linear = nn.Linear(dim, num_labels)
         nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
@@ -66,8 +65,7 @@ def vit_linear_features(
 
     Models without ``get_intermediate_layers`` (ResNets, ...) return ``model(x)``: (B, D).
     """
-    if isinstance(n_last_blocks, bool) or not isinstance(n_last_blocks, int) or n_last_blocks < 1:
-        raise ValueError(f"n_last_blocks={n_last_blocks!r}, expected a positive int")
+    n_last_blocks = check_positive_int("n_last_blocks", n_last_blocks)
     if not hasattr(model, "get_intermediate_layers"):
         return backbone_tensor(model(x), "model")
     if official_interleave and not avgpool_patchtokens:
@@ -185,9 +183,7 @@ def train_linear_probe(
         ``classifier`` (the trained :class:`LinearClassifier`), ``feature_dim``, ``lr`` (the scaled
         one), ``history`` (the stats dicts) and ``state`` (what ``checkpoint_path`` receives).
     """
-    for name, value in (("epochs", epochs), ("val_freq", val_freq), ("num_labels", num_labels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}, expected a positive int")
+    epochs, val_freq, num_labels = check_positive_ints(epochs=epochs, val_freq=val_freq, num_labels=num_labels)
     if batch_size_for_lr is None:
         batch_size = getattr(train_loader, "batch_size", None)
         if batch_size is None:

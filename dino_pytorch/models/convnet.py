@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validate import check_positive_ints
+
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
@@ -29,10 +31,7 @@ class ConvNet(nn.Module):
 
     def __init__(self, in_chans: int = 1, width: int = 32, stages: int = 3, pool: int = 1) -> None:
         super().__init__()
-        if stages < 1 or width < 1 or in_chans < 1 or pool < 1:
-            raise ValueError(
-                f"ConvNet: in_chans={in_chans}, width={width}, stages={stages}, pool={pool}; expected positive ints"
-            )
+        in_chans, width, stages, pool = check_positive_ints(in_chans=in_chans, width=width, stages=stages, pool=pool)
         layers: list[nn.Module] = []
         c_in = in_chans
         for i in range(stages):

@@ -17,17 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}, expected a positive int")
-    return value
-
-
-def _rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}={value!r}, expected a probability in [0, 1)")
-    return float(value)
+from ..validate import check_float, check_int, check_positive_float, check_positive_int, check_positive_ints
 
 
 def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tensor:
@@ -167,7 +157,7 @@ def _square_size(img_size: Union[int, Sequence[int]]) -> int:
         if not img_size or any(s != img_size[0] for s in img_size):
             raise ValueError(f"img_size={img_size!r}, expected an int or a sequence of equal ints (a square grid)")
         img_size = img_size[0]
-    return _positive_int("img_size", img_size)
+    return check_positive_int("img_size", img_size)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -222,19 +212,21 @@ class VisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         img_size = _square_size(img_size)
-        for name, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
-                            ("depth", depth), ("num_heads", num_heads)):
-            _positive_int(name, value)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes={num_classes!r}, expected an int >= 0")
+        patch_size, in_chans, embed_dim, depth, num_heads = check_positive_ints(
+            patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads
+        )
+        num_classes = check_int("num_classes", num_classes, 0)
         if patch_size > img_size:
             raise ValueError(f"patch_size={patch_size} is larger than img_size={img_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio={mlp_ratio!r}, expected a positive number")
-        drop_rate, attn_drop_rate = _rate("drop_rate", drop_rate), _rate("attn_drop_rate", attn_drop_rate)
-        drop_path_rate = _rate("drop_path_rate", drop_path_rate)
+        mlp_ratio = check_positive_float("mlp_ratio", mlp_ratio)
+        # Dropout and stochastic depth rescale by 1 / (1 - rate): every rate is below 1.
+        drop_rate, attn_drop_rate, drop_path_rate = (
+            check_float(name, value, low=0.0, high=1.0, high_open=True, what="a probability in [0, 1)")
+            for name, value in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                                ("drop_path_rate", drop_path_rate))
+        )
 
         self.num_features = self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -316,7 +308,8 @@ class VisionTransformer(nn.Module):
 
     def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
         """(B, C, H, W) -> the final-normed tokens (B, N+1, D) of each of the last ``n`` blocks."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(self.blocks):
+        n = check_positive_int("n", n)
+        if n > len(self.blocks):
             raise ValueError(f"n={n!r}, expected an int in [1, depth={len(self.blocks)}]")
         x = self.prepare_tokens(x)
         out = []

@@ -11,7 +11,7 @@ from .dispatch import (
     teacher_column_sum,
 )
 from .fused_cross_entropy import MultiviewCrossEntropy
-from .teacher import sinkhorn_knopp
+from .teacher_targets import sinkhorn_knopp
 
 __all__ = [
     "MultiviewCrossEntropy",

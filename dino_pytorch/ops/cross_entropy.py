@@ -68,10 +68,3 @@ def multiview_cross_entropy_reference(
         log_p = F.log_softmax(z.float() / student_temp, dim=-1)
         total = total + torch.sum(-target * log_p, dim=-1).mean()
     return total / (num_teacher * (num_student - 1))
-
-
-def multiview_cross_entropy(
-    student_logits: Sequence[Tensor], teacher_probs: Sequence[Tensor], student_temp: float
-) -> Tensor:
-    """DINO multi-view cross-entropy; see :func:`multiview_cross_entropy_reference` for shapes."""
-    return multiview_cross_entropy_reference(student_logits, teacher_probs, student_temp)

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import teacher as _teacher
+from . import teacher_targets
 from .fused_cross_entropy import MultiviewCrossEntropy
 from .views import MultiView, split_views
 
@@ -99,7 +99,7 @@ def multiview_cross_entropy(
 
 
 def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
-    """``softmax((t - c) / tau_t)`` in float32; see :func:`.teacher.centered_teacher_softmax`.
+    """``softmax((t - c) / tau_t)`` in float32; see :func:`.teacher_targets.centered_teacher_softmax`.
 
     Args:
         teacher_logits: (N, K), any floating dtype. center: (1, K) float32. teacher_temp: tau_t.
@@ -109,7 +109,7 @@ def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_tem
     """
     if backend_for(teacher_logits) == "triton":
         return _triton_ops().centered_softmax(teacher_logits.detach(), center, float(teacher_temp))
-    return _teacher.centered_teacher_softmax(teacher_logits, center, teacher_temp)
+    return teacher_targets.centered_teacher_softmax(teacher_logits, center, teacher_temp)
 
 
 def teacher_column_sum(teacher_logits: Tensor) -> Tensor:

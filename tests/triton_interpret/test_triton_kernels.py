@@ -17,7 +17,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton
 from dino_pytorch.ops import MultiviewCrossEntropy  # noqa: E402
 from dino_pytorch.ops import triton_kernels as tk  # noqa: E402
 from dino_pytorch.ops.fused_cross_entropy import torch_backward, torch_forward  # noqa: E402
-from dino_pytorch.ops.teacher import centered_teacher_softmax  # noqa: E402
+from dino_pytorch.ops.teacher_targets import centered_teacher_softmax  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SHAPES = [  # (V, T, B, K, block_k): several K tiles with a ragged last one, a single tile, T=1, T=V

@@ -1,4 +1,7 @@
-"""Teacher post-processing: centred sharpened softmax, or Sinkhorn-Knopp. Always float32 inside."""
+"""Teacher targets from teacher logits: centred sharpened softmax, or Sinkhorn-Knopp. Always float32 inside.
+
+Not the EMA teacher network, which is :mod:`dino_pytorch.teacher`.
+"""
 from __future__ import annotations
 
 import math
