@@ -30,9 +30,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine, median_time, table  # noqa: E402
 
-from dino_pytorch.batched_transforms import BatchedMultiCrop  # noqa: E402
+from dino_pytorch.augment import BatchedMultiCrop, MultiCropTransform  # noqa: E402
 from dino_pytorch.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
-from dino_pytorch.transforms import MultiCropTransform  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,12 +1,12 @@
 """dino-pytorch: DINO self-supervised learning, composable and numerically official."""
 from ._version import __version__
-from .batched_transforms import BatchedMultiCrop
+from .augment import BatchedMultiCrop, MultiCropRecipe
 from .dino import DINO
 from .head import DINOHead
 from .loss import DINOLoss
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
-from .transforms import MultiCropTransform
+from .augment import MultiCropTransform
 from .wrapper import MultiCropWrapper
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "EMATeacher",
+    "MultiCropRecipe",
     "MultiCropTransform",
     "MultiCropWrapper",
     "cosine_scheduler",

@@ -1,7 +1,7 @@
 """CUDA paths against their CPU twins (tests/cuda runs only where CUDA is available)."""
 import torch
 
-from test_batched_transforms import SMALL, BatchedMultiCrop, images, seeded
+from test_augment_batched import SMALL, BatchedMultiCrop, images, seeded
 from test_knn import clustered, knn_eval
 
 

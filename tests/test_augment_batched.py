@@ -1,4 +1,4 @@
-"""Tests for dino_pytorch.batched_transforms.BatchedMultiCrop.
+"""Tests for dino_pytorch.augment.BatchedMultiCrop (the batched augmenter).
 
 The batched module must draw the same distribution of views as the per-image MultiCropTransform, with
 parameters drawn per sample.  Rates are checked on one call over a batch of 2000 tiny images, with a
@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from dino_pytorch.batched_transforms import BatchedMultiCrop, ViewParams, multicrop_collate, stack_images
-from dino_pytorch.transforms import MultiCropTransform, _to_grey
+from dino_pytorch.augment import BatchedMultiCrop, MultiCropTransform, ViewParams, multicrop_collate, stack_images
+from dino_pytorch.augment.functional import to_grey_image
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -145,7 +145,7 @@ def test_identity_configuration_is_normalisation(channels, interpolation):
 def test_rgb_input_to_grey_output_uses_pil_rounded_luma():
     x = images()
     views = off(global_crop_size=16, local_crops_number=0, mean=(0.5,), std=(0.25,))(x)
-    grey = torch.stack([_to_grey(img, channels=1) for img in x])
+    grey = torch.stack([to_grey_image(img, channels=1) for img in x])
     for v in views:
         torch.testing.assert_close(v, normalised(grey, (0.5,), (0.25,)), atol=1e-5, rtol=0)
 
@@ -170,7 +170,7 @@ def test_crop_boxes_and_flip_match_per_image_resized_crop():
     boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 10, 14], [10, 2, 7, 9], [1, 1, 20, 6]])
     flip = torch.tensor([False, True, False, True])
     m = off(global_crops_number=1, local_crops_number=0, global_crop_size=(8, 12), mean=(0.0,) * 3, std=(1.0,) * 3)
-    view = m.apply(x, [identity_params(4, 24, 24, boxes=boxes, flip=flip)])[0]
+    view = m.apply_params(x, [identity_params(4, 24, 24, boxes=boxes, flip=flip)])[0]
     for b in range(4):
         ref = TF.resized_crop(x[b], *boxes[b].tolist(), size=[8, 12], interpolation=InterpolationMode.BICUBIC,
                               antialias=True).float()
@@ -183,7 +183,7 @@ def test_crop_boxes_and_flip_match_per_image_resized_crop():
 
 
 def one_view(m, x, **params):
-    return denormalised(m.apply(x, [identity_params(x.shape[0], x.shape[2], x.shape[3], **params)])[0])
+    return denormalised(m.apply_params(x, [identity_params(x.shape[0], x.shape[2], x.shape[3], **params)])[0])
 
 
 ONE = dict(global_crop_size=16, global_crops_number=1, local_crops_number=0)
@@ -192,7 +192,7 @@ ONE = dict(global_crop_size=16, global_crops_number=1, local_crops_number=0)
 def test_flip_mirrors_exactly():
     x = images()
     flip = torch.tensor([True, False, True, False])
-    out = off(**ONE).apply(x, [identity_params(4, 16, 16, flip=flip)])[0]
+    out = off(**ONE).apply_params(x, [identity_params(4, 16, 16, flip=flip)])[0]
     expected = normalised(x)
     expected[flip] = expected[flip].flip(-1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
@@ -207,10 +207,10 @@ def test_solarize_inverts_values_at_or_above_threshold():
     torch.testing.assert_close(out[1], levels[1].float(), atol=1e-3, rtol=0)
 
 
-def test_grayscale_is_the_luma_of_transforms_py():
+def test_grayscale_is_the_per_image_luma():
     x = images()
     out = one_view(off(**ONE), x, grayscale=torch.ones(4, dtype=torch.bool))
-    grey = torch.stack([_to_grey(img, channels=3) for img in x]).float()  # PIL's rounded formula
+    grey = torch.stack([to_grey_image(img, channels=3) for img in x]).float()  # PIL's rounded formula
     assert (out - grey).abs().max() <= 0.5 + 1e-3  # the batched path does not round
     assert torch.allclose(out[:, 0], out[:, 1], atol=1e-3) and torch.allclose(out[:, 1], out[:, 2], atol=1e-3)
 
@@ -531,6 +531,15 @@ def test_from_transform_copies_the_configuration():
     assert "local_crops_number=3" in repr(m) and "interpolation='bicubic'" in repr(m)
 
 
+def test_module_apply_is_nn_module_apply():
+    # apply_params holds the augmentation, so model.apply(init_fn) reaches a BatchedMultiCrop inside.
+    m = BatchedMultiCrop(**SMALL)
+    seen = []
+    model = torch.nn.Sequential(m)
+    assert model.apply(seen.append) is model
+    assert seen == [m, model]
+
+
 class _Images(Dataset):
     def __init__(self, sizes, with_labels=True, modes=("RGB",)):
         self.sizes, self.with_labels, self.modes = sizes, with_labels, modes
@@ -614,12 +623,12 @@ def test_bad_call_arguments_raise():
         m.sample_params(2, (8.0, 8))
     params = m.sample_params(4, (16, 16))
     with pytest.raises(ValueError, match="params"):
-        m.apply(x, params[:2])
+        m.apply_params(x, params[:2])
     with pytest.raises(ValueError, match="params"):
-        m.apply(x[:3], params)
+        m.apply_params(x[:3], params)
     params[0].boxes[0] = torch.tensor([10, 0, 10, 4])
     with pytest.raises(ValueError, match="boxes"):
-        m.apply(x, params)
+        m.apply_params(x, params)
     with pytest.raises(ValueError, match="images"):
         stack_images([])
     with pytest.raises(ValueError, match="channel"):

@@ -1,4 +1,4 @@
-"""Tests for dino_pytorch.transforms.MultiCropTransform.
+"""Tests for dino_pytorch.augment.MultiCropTransform (the per-image augmenter).
 
 Images are tiny (32x32 in, 16/8 out) so the statistical tests can afford ~1000 draws each.  Every
 statistical test runs under a fixed seed, so it is deterministic; the tolerances (4 binomial
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from dino_pytorch.transforms import MultiCropTransform
+from dino_pytorch.augment import MultiCropTransform
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

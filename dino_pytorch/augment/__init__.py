@@ -1,0 +1,31 @@
+"""Multi-crop augmentation for DINO: one recipe, two ways to run it.
+
+* :class:`MultiCropRecipe` (``recipe.py``): the whole validated configuration, frozen data; the
+  defaults are the official DINO recipe.
+* :class:`MultiCropTransform` (``per_image.py``): runs the recipe on one image at a time, as a
+  DataLoader transform (PIL images or uint8 tensors ``(C, H, W)``).
+* :class:`BatchedMultiCrop` (``batched.py``): runs it on a whole batch ``(B, C, H, W)`` with
+  per-sample random parameters (:class:`ViewParams`), on the CPU or the GPU.
+* ``functional.py``: the kernels both use, which draw nothing (``torchvision.transforms.v2.functional``
+  style: the classes draw random parameters, the functions compute).
+
+Both augmenters take either ``recipe=`` or the recipe's arguments::
+
+    recipe = MultiCropRecipe(local_crops_number=6)
+    per_image, batched = MultiCropTransform(recipe=recipe), BatchedMultiCrop(recipe=recipe)
+"""
+
+from .batched import BatchedMultiCrop, ViewParams, multicrop_collate, stack_images
+from .per_image import MultiCropTransform
+from .recipe import IMAGENET_MEAN, IMAGENET_STD, MultiCropRecipe
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BatchedMultiCrop",
+    "MultiCropRecipe",
+    "MultiCropTransform",
+    "ViewParams",
+    "multicrop_collate",
+    "stack_images",
+]

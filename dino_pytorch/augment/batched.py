@@ -1,0 +1,382 @@
+"""Batched multi-crop augmentation with per-sample randomness, on the CPU or the GPU.
+
+:class:`BatchedMultiCrop` executes a :class:`~dino_pytorch.augment.MultiCropRecipe` on a whole batch
+of images ``(B, C, H, W)`` and returns the same list of views as the per-image transform::
+
+    [global_1, ..., global_G, local_1, ..., local_N]     each (B, C_out, h, w) float32, normalised
+
+Every image of the batch gets its *own* random crop box, flip, jitter factors and order, grayscale,
+blur sigma and solarize decision, drawn from the same distribution as the per-image transform.  The
+module draws the parameters (:meth:`BatchedMultiCrop.sample_params`, into :class:`ViewParams`) and
+hands them to the batch kernels of :mod:`~dino_pytorch.augment.functional`
+(:meth:`BatchedMultiCrop.apply_params`), each one vectorised op over the batch or over the rows that
+the step applies to.
+
+All random numbers are drawn on the CPU (from a ``torch.Generator`` if one is passed, else from the
+global RNG) and only the results move to the images' device, so the views do not depend on the
+device or its RNG, and row selection never needs a device synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+from ..validate import check_int, is_int
+from . import functional as AF
+from .functional import stack_images
+from .per_image import MultiCropTransform
+from .recipe import CROP_ATTEMPTS, MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
+
+__all__ = ["BatchedMultiCrop", "ViewParams", "multicrop_collate", "stack_images"]
+
+# Order ids of the colour-jitter ops, the numbering of torchvision's ColorJitter and AF.JITTER_OPS.
+_SATURATION, _HUE = 2, 3
+# The factor that leaves an image unchanged, per op.
+_IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
+
+
+@dataclass
+class ViewParams:
+    """The random parameters of one view for a batch of ``B`` images (all CPU tensors).
+
+    Attributes:
+        boxes: ``(B, 4)`` int64 crop boxes ``(top, left, height, width)`` in source pixels.
+        flip: ``(B,)`` bool, horizontal flip.
+        jitter: ``(B,)`` bool, colour jitter applied.
+        factors: ``(B, 4)`` float64 jitter factors (brightness, contrast, saturation, hue); a disabled
+            component holds its identity value (1, 1, 1, 0).  Only used where ``jitter``.
+        order: ``(B, 4)`` int64, a permutation of ``0..3`` per sample: the order in which the jitter
+            ops (0 brightness, 1 contrast, 2 saturation, 3 hue) run.
+        grayscale: ``(B,)`` bool, grey conversion applied (always False for 1-channel output).
+        blur: ``(B,)`` bool, Gaussian blur applied.
+        sigma: ``(B,)`` float64 blur sigma.  Only used where ``blur``.
+        solarize: ``(B,)`` bool, solarize applied.
+    """
+
+    boxes: Tensor
+    flip: Tensor
+    jitter: Tensor
+    factors: Tensor
+    order: Tensor
+    grayscale: Tensor
+    blur: Tensor
+    sigma: Tensor
+    solarize: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.boxes.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# random draws (CPU)
+
+
+def _uniform(shape: Tuple[int, ...], low: float, high: float, generator: Optional[torch.Generator]) -> Tensor:
+    # float64 like the per-image draws, so probability comparisons are as fine-grained.
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return low + (high - low) * u
+
+
+def _bernoulli(batch: int, p: float, generator: Optional[torch.Generator], *, inclusive: bool = False) -> Tensor:
+    """``(B,)`` bool: ``u < p`` (``u <= p`` with ``inclusive``, the official blur test); p = 0 never fires."""
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    if p <= 0.0:
+        return torch.zeros(batch, dtype=torch.bool)
+    return u <= p if inclusive else u < p
+
+
+def _sample_boxes(
+    sizes: Tensor, scale: Tuple[float, float], ratio: Tuple[float, float], generator: Optional[torch.Generator]
+) -> Tensor:
+    """RandomResizedCrop boxes, vectorised over the batch: ``sizes (B, 2)`` int64 ``(H, W)`` ->
+    ``(B, 4)`` int64 ``(top, left, height, width)``.
+
+    torchvision's scheme: up to 10 tries of an area fraction ``U(scale)`` and a log-uniform aspect
+    ratio, the first box that fits wins; if none fits, the largest centred box with the aspect ratio
+    clamped into ``ratio``.  All 10 tries are drawn for every sample; taking the first one that fits
+    gives the same distribution as stopping there.
+    """
+    batch = sizes.shape[0]
+    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # (B, 1)
+    target_area = height * width * _uniform((batch, CROP_ATTEMPTS), *scale, generator)
+    aspect = torch.exp(_uniform((batch, CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]), generator))
+    # torch.round is round-half-even, like Python's round() in sample_crop_params.
+    crop_w = torch.round(torch.sqrt(target_area * aspect))
+    crop_h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)  # (B, tries)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    crop_w = crop_w.gather(1, first).squeeze(1)
+    crop_h = crop_h.gather(1, first).squeeze(1)
+    found = fits.any(dim=1)
+
+    height, width = height.squeeze(1), width.squeeze(1)
+    in_ratio = width / height
+    fallback_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fallback_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    crop_w = torch.where(found, crop_w, fallback_w)
+    crop_h = torch.where(found, crop_h, fallback_h)
+
+    # Uniform integer offsets in [0, H - h] and [0, W - w]; draw for every sample to keep the stream
+    # layout independent of which samples fell back.
+    u_top, u_left = torch.rand(2, batch, generator=generator, dtype=torch.float64)
+    top = torch.where(found, torch.floor(u_top * (height - crop_h + 1)), torch.floor((height - crop_h) / 2))
+    left = torch.where(found, torch.floor(u_left * (width - crop_w + 1)), torch.floor((width - crop_w) / 2))
+    return torch.stack([top, left, crop_h, crop_w], dim=1).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+
+# The batch resampler implements these filters; BOX, HAMMING and LANCZOS exist for PIL inputs only.
+_SUPPORTED_INTERPOLATION = tuple(AF.RESAMPLE_KERNELS)
+
+
+class BatchedMultiCrop(RecipeAttributes, nn.Module):
+    """DINO multi-crop augmentation for a whole batch, with per-sample random parameters.
+
+    ``module(images)`` with ``images`` of shape ``(B, C, H, W)`` returns
+    ``[global_1, ..., global_G, local_1, ..., local_N]`` where each global view is a ``float32``
+    tensor ``(B, C_out, *global_crop_size)`` and each local view ``(B, C_out, *local_crop_size)``,
+    normalised with ``mean`` / ``std``; ``C_out = len(mean)`` (grey inputs are replicated to 3
+    channels, RGB inputs converted with PIL's luma formula for 1 channel).
+
+    Construction: ``BatchedMultiCrop(recipe=recipe)``, or the arguments of
+    :class:`~dino_pytorch.augment.MultiCropRecipe` (the same as ``MultiCropTransform``'s), from which
+    the recipe is built; :meth:`from_transform` shares a per-image transform's recipe.  The recipe's
+    fields read through as attributes (``m.local_crops_number``, ``m.num_views``, ...).  Per view and
+    per image, the steps and their probabilities are those of the per-image transform:
+    RandomResizedCrop -> flip -> colour jitter (random op order) -> grayscale -> blur -> solarize ->
+    normalise.  The views follow the same distribution but are not bit-identical to the per-image
+    transform's: this module computes in float32 without rounding to uint8 between steps, and uses
+    PIL's luma weights in contrast and saturation (torchvision's tensor kernels use 0.2989).
+
+    Interpolation: NEAREST / NEAREST_EXACT (both pick the source pixel containing the sample point),
+    BILINEAR and BICUBIC (default), always antialiased when downscaling like PIL and
+    ``antialias=True``: the crop-resize is the same separable filter, in float.
+
+    Inputs: ``uint8`` tensors with values in ``[0, 255]``, or floating tensors with values in
+    ``[0, 1]`` (not checked, to avoid a device synchronisation), on any device.  The views come back
+    on the input's device.
+
+    Randomness: all parameters are drawn on the CPU from ``generator`` (a CPU ``torch.Generator``)
+    or, when it is None, from torch's global RNG, which DataLoader workers seed per worker.  The same
+    generator state gives the same parameters on every device.
+    """
+
+    def __init__(self, *args: Any, recipe: Optional[MultiCropRecipe] = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.recipe = MultiCropRecipe.resolve(type(self).__name__, args, kwargs, recipe)
+        if self.recipe.interpolation not in _SUPPORTED_INTERPOLATION:
+            names = ", ".join(repr(m.value) for m in _SUPPORTED_INTERPOLATION)
+            raise ValueError(
+                f"interpolation={self.recipe.interpolation.value!r}, expected one of {names} in BatchedMultiCrop "
+                "(the others exist for PIL inputs of MultiCropTransform only)"
+            )
+
+    __init__.__signature__ = augmenter_signature()  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_transform(cls, transform: MultiCropTransform) -> "BatchedMultiCrop":
+        """A batched module that shares the recipe of a per-image ``MultiCropTransform``."""
+        if not isinstance(transform, MultiCropTransform):
+            raise TypeError(f"transform: expected a MultiCropTransform, got {type(transform).__name__}")
+        return cls(recipe=transform.recipe)
+
+    # -----------------------------------------------------------------------------------------
+    # parameters
+
+    def sample_params(self, batch_size: int, image_size: Union[Tuple[int, int], Tensor], *,
+                      generator: Optional[torch.Generator] = None) -> List[ViewParams]:
+        """Draw the random parameters of every view for a batch, on the CPU.
+
+        Args:
+            batch_size: ``B``.
+            image_size: ``(H, W)`` shared by the batch, or a ``(B, 2)`` integer tensor of per-image sizes.
+            generator: a CPU ``torch.Generator``; None uses torch's global RNG.
+        Returns:
+            ``G + N`` :class:`ViewParams`, in view order.
+        """
+        check_int("batch_size", batch_size, 1)
+        sizes = _check_sizes(image_size, batch_size)
+        generator = _check_generator(generator)
+        return [self._sample_view(sizes, spec, generator) for spec in self.recipe.view_specs]
+
+    def _sample_view(self, sizes: Tensor, spec: ViewSpec, generator: Optional[torch.Generator]) -> ViewParams:
+        r = self.recipe
+        batch = sizes.shape[0]
+        boxes = _sample_boxes(sizes, spec.scale, r.ratio, generator)
+        flip = _bernoulli(batch, r.flip_prob, generator)
+        jitter = _bernoulli(batch, r.color_jitter_prob, generator)
+        factors = torch.empty(batch, 4, dtype=torch.float64)
+        for op, bounds in enumerate(r.jitter_ranges):
+            u = _uniform((batch,), *(bounds or (0.0, 1.0)), generator)
+            factors[:, op] = u if bounds is not None else _IDENTITY_FACTORS[op]
+        # argsort of i.i.d. uniforms is a uniformly random permutation, one per row (ColorJitter
+        # draws torch.randperm(4) per image).
+        order = torch.rand(batch, 4, generator=generator).argsort(dim=1)
+        grayscale = _bernoulli(batch, r.grayscale_prob, generator) & (r.channels == 3)
+        blur = _bernoulli(batch, spec.blur_prob, generator, inclusive=True)
+        sigma = _uniform((batch,), *r.blur_sigma, generator)
+        solarize = _bernoulli(batch, spec.solarize_prob, generator)
+        return ViewParams(boxes, flip, jitter, factors, order, grayscale, blur, sigma, solarize)
+
+    # -----------------------------------------------------------------------------------------
+    # the augmentation
+
+    def forward(self, images: Tensor, *, image_sizes: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None,
+                return_params: bool = False) -> Union[List[Tensor], Tuple[List[Tensor], List[ViewParams]]]:
+        """Augment a batch: ``(B, C, H, W) -> [(B, C_out, gh, gw)] * G + [(B, C_out, lh, lw)] * N``.
+
+        Args:
+            images: ``uint8`` in ``[0, 255]`` or floating in ``[0, 1]``, ``C`` in ``{1, 3}``, any device.
+            image_sizes: optional ``(B, 2)`` true ``(H_i, W_i)`` of zero-padded images (see
+                :func:`stack_images`); crops stay inside each image.
+            generator: a CPU ``torch.Generator`` for all draws; None uses torch's global RNG.
+            return_params: also return the drawn :class:`ViewParams` (CPU tensors).
+        """
+        _check_images(images)
+        batch, height, width = images.shape[0], images.shape[2], images.shape[3]
+        sizes: Union[Tuple[int, int], Tensor] = (height, width)
+        if image_sizes is not None:
+            sizes = _check_sizes(image_sizes, batch)
+            if (sizes[:, 0] > height).any() or (sizes[:, 1] > width).any():
+                raise ValueError(
+                    f"image_sizes: every (H_i, W_i) must fit in the batch's (H, W) = {(height, width)}"
+                )
+        params = self.sample_params(batch, sizes, generator=generator)
+        views = self.apply_params(images, params)
+        return (views, params) if return_params else views
+
+    @torch.no_grad()
+    def apply_params(self, images: Tensor, params: Sequence[ViewParams]) -> List[Tensor]:
+        """Augment ``images (B, C, H, W)`` with given parameters (one :class:`ViewParams` per view, in
+        view order); returns the views as :meth:`forward` does.  ``forward`` is :meth:`sample_params`
+        followed by this."""
+        _check_images(images)
+        if len(params) != self.num_views or any(p.batch_size != images.shape[0] for p in params):
+            raise ValueError(
+                f"params: expected {self.num_views} ViewParams of batch size {images.shape[0]}, got "
+                f"{[p.batch_size for p in params]}"
+            )
+        height, width = images.shape[2], images.shape[3]
+        for i, p in enumerate(params):
+            top, left, crop_h, crop_w = p.boxes.unbind(dim=1)
+            outside = (top < 0) | (left < 0) | (top + crop_h > height) | (left + crop_w > width)
+            if (outside | (crop_h < 1) | (crop_w < 1)).any():
+                raise ValueError(
+                    f"params[{i}].boxes: every box must be non-empty and lie inside the {height}x{width} images"
+                )
+        x = AF.to_unit_float(AF.match_channels(images.as_subclass(Tensor), self.channels))
+        return [self._view(x, p, spec.size, spec.solarize_prob > 0.0)
+                for p, spec in zip(params, self.recipe.view_specs)]
+
+    def _view(self, x: Tensor, p: ViewParams, size: Tuple[int, int], may_solarize: bool) -> Tensor:
+        r = self.recipe
+        view = AF.resized_crop(x, p.boxes, p.flip, size, r.interpolation)
+        view = self._color_jitter(view, p)
+        view = AF.apply_rows(view, p.grayscale, lambda v, rows: AF.grayscale(v))
+        view = AF.apply_rows(view, p.blur, lambda v, rows: AF.gaussian_blur(v, p.sigma[rows]))
+        if may_solarize:
+            view = AF.apply_rows(view, p.solarize, lambda v, rows: AF.solarize(v, r.solarize_threshold))
+        return AF.normalize(view, r.mean, r.std)
+
+    def _color_jitter(self, x: Tensor, p: ViewParams) -> Tensor:
+        """Four steps; at each, every jittered row runs the op its own permutation puts there."""
+        for step in range(4):
+            for op, bounds in enumerate(self.recipe.jitter_ranges):
+                # Disabled components, and saturation / hue on grey output, leave images unchanged.
+                if bounds is None or (op in (_SATURATION, _HUE) and x.shape[1] == 1):
+                    continue
+                mask = p.jitter & (p.order[:, step] == op)
+                x = AF.apply_rows(
+                    x, mask, lambda v, rows: AF.JITTER_OPS[op](v, AF.to_device(p.factors[rows, op], v.device, v.dtype))
+                )
+        return x
+
+    # -----------------------------------------------------------------------------------------
+    # DataLoader use
+
+    def collate(self, batch: Sequence[Any]) -> Any:
+        """A ``collate_fn`` that augments in the DataLoader worker.
+
+        ``batch`` holds images (uint8 ``(C, H, W)`` tensors or ``'RGB'`` / ``'L'`` PIL images, sizes may
+        differ) or tuples whose first element is an image.  Returns the list of views, or
+        ``[views, *default_collate(rest)]`` for tuples (e.g. ``views, labels = batch``).  Draws use the
+        global RNG, which the DataLoader seeds differently in every worker.
+        """
+        if len(batch) == 0:
+            raise ValueError("batch: empty batch")
+        with_rest = isinstance(batch[0], (tuple, list))
+        images = [AF.to_uint8_tensor(sample[0] if with_rest else sample, i) for i, sample in enumerate(batch)]
+        if len({im.shape[0] for im in images}) > 1:
+            # Mixed grey and colour images: give each the output's channel count before stacking.
+            images = [AF.match_channels(im.unsqueeze(0), self.channels)[0] for im in images]
+        stacked, sizes = stack_images(images)
+        uniform = bool((sizes == sizes[0]).all())
+        views = self(stacked, image_sizes=None if uniform else sizes)
+        if not with_rest:
+            return views
+        return [views, *default_collate([tuple(sample[1:]) for sample in batch])]
+
+    def extra_repr(self) -> str:
+        return ",\n".join(f"{name}={value!r}" for name, value in self.recipe.settings().items())
+
+
+def multicrop_collate(batched: BatchedMultiCrop) -> Callable[[Sequence[Any]], Any]:
+    """The ``collate_fn`` for a DataLoader whose dataset returns raw images: ``batched.collate``."""
+    if not isinstance(batched, BatchedMultiCrop):
+        raise TypeError(f"batched: expected a BatchedMultiCrop, got {type(batched).__name__}")
+    return batched.collate
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_images(images: Any) -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images: expected a (B, C, H, W) tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images: expected uint8 values in [0, 255] or floats in [0, 1], got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected a (B, C, H, W) batch with C in {{1, 3}}, got shape {tuple(images.shape)}")
+    if 0 in images.shape:
+        raise ValueError(f"images: empty batch of shape {tuple(images.shape)}")
+
+
+def _check_sizes(image_size: Union[Tuple[int, int], Tensor], batch_size: int) -> Tensor:
+    """``(B, 2)`` int64 CPU sizes from a shared ``(H, W)`` or a per-image tensor."""
+    if isinstance(image_size, Tensor):
+        if image_size.shape != (batch_size, 2) or image_size.is_floating_point() or image_size.is_complex():
+            raise ValueError(
+                f"image_sizes: expected a ({batch_size}, 2) integer tensor of (height, width), got "
+                f"{image_size.dtype} of shape {tuple(image_size.shape)}"
+            )
+        sizes = image_size.detach().to("cpu", torch.long)
+    elif isinstance(image_size, Sequence) and len(image_size) == 2 and all(map(is_int, image_size)):
+        sizes = torch.tensor([[int(v) for v in image_size]], dtype=torch.long).expand(batch_size, 2)
+    else:
+        raise TypeError(f"image_size={image_size!r}: expected (height, width) ints or a (B, 2) tensor")
+    if (sizes < 1).any():
+        raise ValueError(f"image_sizes: every height and width must be >= 1, got min {int(sizes.min())}")
+    return sizes
+
+
+def _check_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"generator: expected a CPU generator (parameters are drawn on the CPU), got device {generator.device}"
+        )
+    return generator

@@ -1,0 +1,213 @@
+"""Per-image multi-crop augmentation for DINO, as a DataLoader transform.
+
+:class:`MultiCropTransform` executes a :class:`~dino_pytorch.augment.MultiCropRecipe` on one image
+and returns the list of views that DINO trains on::
+
+    [global_1, ..., global_G, local_1, ..., local_N]
+
+Every view is a ``float32`` tensor of shape ``(C, H, W)``, normalised with ``mean`` / ``std``:
+
+* a global view has shape ``(C, *global_crop_size)`` -- ``(3, 224, 224)`` by default;
+* a local view has shape ``(C, *local_crop_size)`` -- ``(3, 96, 96)`` by default;
+* ``C == len(mean)`` (1 or 3).
+
+With the default recipe this is the official ``DataAugmentationDINO`` (facebookresearch/dino).  PIL
+inputs go through PIL's own operations (as in the official code); uint8 tensors go through
+torchvision's tensor kernels.  All random draws come from torch's global RNG, so
+``torch.manual_seed`` alone reproduces the views (and DataLoader workers get distinct streams
+because the DataLoader seeds torch per worker).
+
+Batching needs no custom collate: the default ``DataLoader`` collate turns a batch of view lists
+into a list of ``G + N`` tensors, the global ones of shape ``(B, C, *global_crop_size)`` and the
+local ones of shape ``(B, C, *local_crop_size)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from . import functional as AF
+from .functional import ImageLike
+from .recipe import CROP_ATTEMPTS, MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
+
+__all__ = ["MultiCropTransform"]
+
+
+def _uniform(low: float = 0.0, high: float = 1.0) -> float:
+    # float64 so that probability comparisons are as fine-grained as the official random.random().
+    return float(torch.empty((), dtype=torch.float64).uniform_(low, high))
+
+
+def _randint(low: int, high: int) -> int:
+    """An int in [low, high], inclusive."""
+    return int(torch.randint(low, high + 1, size=()))
+
+
+class MultiCropTransform(RecipeAttributes, nn.Module):
+    """DINO multi-crop augmentation: one image in, ``G + N`` normalised views out.
+
+    ``transform(image)`` returns ``[global_1, ..., global_G, local_1, ..., local_N]`` where
+
+    * each global view is a ``float32`` tensor of shape ``(C, gh, gw)``, ``(gh, gw) = global_crop_size``
+      (``(3, 224, 224)`` by default);
+    * each local view is a ``float32`` tensor of shape ``(C, lh, lw)``, ``(lh, lw) = local_crop_size``
+      (``(3, 96, 96)`` by default);
+    * ``C = len(mean)``: 3 gives RGB output (greyscale inputs are replicated), 1 gives greyscale
+      output (RGB inputs are converted with the ITU-R 601-2 luma transform).
+
+    Each view is drawn independently, in this order: RandomResizedCrop -> horizontal flip ->
+    colour jitter -> grayscale -> Gaussian blur -> solarize -> float in [0, 1] -> normalise.
+
+    Construction: ``MultiCropTransform(recipe=recipe)``, or the arguments of
+    :class:`~dino_pytorch.augment.MultiCropRecipe`, from which the recipe is built.  Its first three
+    positional arguments are those of the official ``DataAugmentationDINO``
+    (``global_crops_scale, local_crops_scale, local_crops_number``), so this class is a drop-in
+    replacement.  The recipe's fields read through as attributes (``t.global_crops_scale``,
+    ``t.num_views``, ``t.global_blur_prob(i)``, ...).
+
+    Inputs are PIL images in mode ``'RGB'`` or ``'L'``, or ``uint8`` tensors of shape ``(C, H, W)``
+    with ``C`` in ``{1, 3}``.  PIL inputs use PIL's operations (official numerics, including PIL's
+    ``ImageFilter.GaussianBlur`` whose radius acts as sigma); tensor inputs use torchvision's tensor
+    kernels, and their blur uses an odd kernel of size ``2 * ceil(3 * sigma) + 1`` (so it covers
+    about +/- 3 sigma), shrunk where needed to stay smaller than twice the view's side, as reflect
+    padding requires.  The two paths draw the same distribution of views but are not bit-identical
+    (resize and blur kernels differ), except for grey conversion, which uses PIL's rounded formula
+    on tensors too.
+
+    Randomness: every draw (crop box, flip, jitter factors and order, grayscale, blur and its sigma,
+    solarize) comes from torch's global RNG.  An op is applied when ``u < p`` for a uniform ``u``,
+    except blur, which keeps the official ``u <= p``; a probability of 0 never applies.
+
+    The default ``DataLoader`` collate batches the returned lists into a list of ``G + N`` tensors of
+    shape ``(B, C, H, W)``; no custom collate function is needed.
+    """
+
+    def __init__(self, *args: Any, recipe: Optional[MultiCropRecipe] = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.recipe = MultiCropRecipe.resolve(type(self).__name__, args, kwargs, recipe)
+        # v2.ColorJitter draws its factors and their order from torch's RNG and dispatches to PIL
+        # kernels for PIL images, which is exactly the official behaviour.
+        self.color_jitter = v2.ColorJitter(*self.recipe.jitter_ranges)
+
+    __init__.__signature__ = augmenter_signature()  # type: ignore[attr-defined]
+
+    def sample_crop_params(self, height: int, width: int, *, local: bool = False) -> Tuple[int, int, int, int]:
+        """Draw one crop box ``(top, left, crop_height, crop_width)`` for an image of this size.
+
+        Uses the global (or, with ``local=True``, the local) crop scale and ``ratio``.  The scheme is
+        the one of ``torchvision.transforms.RandomResizedCrop``: up to 10 tries of a uniform area
+        fraction and a log-uniform aspect ratio, then a centre crop with the ratio clamped into range.
+        """
+        ratio = self.recipe.ratio
+        scale = self.recipe.local_crops_scale if local else self.recipe.global_crops_scale
+        area = height * width
+        log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+        for _ in range(CROP_ATTEMPTS):
+            target_area = area * _uniform(scale[0], scale[1])
+            aspect = math.exp(_uniform(log_lo, log_hi))
+            crop_w = int(round(math.sqrt(target_area * aspect)))
+            crop_h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < crop_w <= width and 0 < crop_h <= height:
+                return _randint(0, height - crop_h), _randint(0, width - crop_w), crop_h, crop_w
+
+        # Rejection failed (very elongated image or scale near 1): take the largest centred box
+        # whose aspect ratio lies in range.
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            crop_w, crop_h = width, int(round(width / ratio[0]))
+        elif in_ratio > ratio[1]:
+            crop_h, crop_w = height, int(round(height * ratio[1]))
+        else:
+            crop_w, crop_h = width, height
+        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+    def forward(self, image: ImageLike) -> List[torch.Tensor]:
+        """Return ``[global_1, ..., global_G, local_1, ..., local_N]`` for one image.
+
+        Args:
+            image: a PIL image (mode ``'RGB'`` or ``'L'``) or a uint8 tensor ``(C, H, W)``, ``C`` in {1, 3}.
+        Returns:
+            ``G`` float32 tensors ``(C_out, *global_crop_size)`` then ``N`` of ``(C_out, *local_crop_size)``.
+        """
+        image = self._prepare(image)
+        return [self._view(image, spec) for spec in self.recipe.view_specs]
+
+    def _prepare(self, image: ImageLike) -> ImageLike:
+        """Check the input and give it the output's channel count, once for all views."""
+        if isinstance(image, Image.Image):
+            if image.mode not in ("RGB", "L"):
+                raise ValueError(
+                    f"image: unsupported PIL mode {image.mode!r}; expected 'RGB' or 'L' "
+                    "(call image.convert('RGB') first)"
+                )
+            wanted = "RGB" if self.channels == 3 else "L"
+            return image if image.mode == wanted else image.convert(wanted)
+
+        if isinstance(image, torch.Tensor):
+            # A tv_tensors.Image would make v2 kernels re-wrap every result; plain tensors suffice.
+            image = image.as_subclass(torch.Tensor)
+            if image.dtype != torch.uint8:
+                raise TypeError(
+                    f"image: expected a uint8 tensor with values in [0, 255], got dtype {image.dtype} "
+                    "(convert with (x * 255).round().to(torch.uint8) if it holds floats in [0, 1])"
+                )
+            if image.ndim != 3 or image.shape[0] not in (1, 3):
+                raise ValueError(
+                    f"image: expected a (C, H, W) tensor with C in {{1, 3}}, got shape {tuple(image.shape)}"
+                )
+            if image.shape[1] == 0 or image.shape[2] == 0:
+                raise ValueError(f"image: empty image of shape {tuple(image.shape)}")
+            if image.shape[0] == self.channels:
+                return image
+            return AF.to_grey_image(image, channels=1) if self.channels == 1 else image.repeat(3, 1, 1)
+
+        raise TypeError(
+            f"image: expected a PIL.Image.Image or a uint8 torch.Tensor (C, H, W), got {type(image).__name__}"
+        )
+
+    def _view(self, image: ImageLike, spec: ViewSpec) -> torch.Tensor:
+        r = self.recipe
+        height, width = TF.get_size(image)
+        top, left, crop_h, crop_w = self.sample_crop_params(height, width, local=spec.local)
+        view = AF.resized_crop_image(image, top, left, crop_h, crop_w, spec.size, r.interpolation)
+
+        if _uniform() < r.flip_prob:
+            view = TF.horizontal_flip(view)
+        if _uniform() < r.color_jitter_prob:
+            view = self.color_jitter(view)
+        if _uniform() < r.grayscale_prob and r.channels == 3:
+            view = AF.to_grey_image(view, channels=3)
+        # The official blur test is `random() <= p`; the `p > 0` guard makes p = 0 a hard off switch.
+        if spec.blur_prob > 0.0 and _uniform() <= spec.blur_prob:
+            view = AF.gaussian_blur_image(view, _uniform(*r.blur_sigma))
+        if spec.solarize_prob > 0.0 and _uniform() < spec.solarize_prob:
+            view = TF.solarize(view, threshold=r.solarize_threshold)
+        if isinstance(view, Image.Image):
+            view = TF.pil_to_tensor(view)
+        return AF.normalize(AF.to_unit_float(view), r.mean, r.std)
+
+    def extra_repr(self) -> str:
+        r = self.recipe
+        lines = [
+            f"global_crops_number={r.global_crops_number}, global_crop_size={r.global_crop_size}, "
+            f"global_crops_scale={r.global_crops_scale},",
+            f"local_crops_number={r.local_crops_number}, local_crop_size={r.local_crop_size}, "
+            f"local_crops_scale={r.local_crops_scale},",
+            f"ratio=({r.ratio[0]:.4g}, {r.ratio[1]:.4g}), interpolation={r.interpolation.value},",
+            f"flip_prob={r.flip_prob}, color_jitter_prob={r.color_jitter_prob} "
+            f"(brightness={r.brightness}, contrast={r.contrast}, saturation={r.saturation}, "
+            f"hue={r.hue}), grayscale_prob={r.grayscale_prob},",
+            f"global_blur_probs={r.global_blur_probs}, local_blur_prob={r.local_blur_prob}, "
+            f"blur_sigma={r.blur_sigma},",
+            f"global_solarize_probs={r.global_solarize_probs}, local_solarize_prob={r.local_solarize_prob}, "
+            f"solarize_threshold={r.solarize_threshold},",
+            f"mean={r.mean}, std={r.std}",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,366 @@
+"""The multi-crop recipe: the whole augmentation configuration, as data both augmenters read.
+
+DINO's multi-crop augmentation is described once, by a :class:`MultiCropRecipe`: how many global and
+local views, their sizes and crop scales, the colour jitter, and the blur / solarize probability of
+every view.  A recipe is frozen, validated data: it draws no random numbers and touches no pixels.
+The two augmenters read the same recipe and differ only in how they execute it:
+
+* :class:`~dino_pytorch.augment.MultiCropTransform` runs it on one image at a time (DataLoader
+  workers; PIL images or uint8 tensors);
+* :class:`~dino_pytorch.augment.BatchedMultiCrop` runs it on a whole batch with per-sample random
+  parameters (CPU or GPU).
+
+Keeping the configuration in one object means one set of arguments, defaults and checks, and one
+answer to the questions derived from them (view count, output channels, blur probability of global
+view ``i``, colour-jitter ranges), so the augmenters cannot drift apart.  The defaults are the
+official ``DataAugmentationDINO`` recipe (facebookresearch/dino).  A recipe compares and hashes by
+value, pickles, and ``dataclasses.replace(recipe, local_crops_number=4)`` makes a checked variant.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import KW_ONLY, dataclass, fields
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from ..validate import check_int, check_number_pair, check_probability, is_int, is_number
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MultiCropRecipe", "ViewSpec", "RecipeAttributes"]
+
+SizeLike = Union[int, Sequence[int]]
+ProbsLike = Union[float, Sequence[float]]
+JitterLike = Union[float, Tuple[float, float]]
+InterpolationLike = Union[InterpolationMode, str, int]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision.transforms.RandomResizedCrop tries this many random boxes before falling back to a
+# centre crop; both augmenters keep the number, so the crop distribution stays the official one.
+CROP_ATTEMPTS = 10
+
+
+class ViewSpec(NamedTuple):
+    """What the recipe asks of one output view (see :attr:`MultiCropRecipe.view_specs`)."""
+
+    size: Tuple[int, int]
+    """Output ``(height, width)``."""
+    local: bool
+    scale: Tuple[float, float]
+    """Crop area fraction range."""
+    blur_prob: float
+    solarize_prob: float
+
+
+# ---------------------------------------------------------------------------------------------
+# checks specific to multi-crop; the general ones come from dino_pytorch.validate
+
+
+def _check_scale(name: str, value: Any) -> Tuple[float, float]:
+    lo, hi = check_number_pair(name, value)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(
+            f"impossible crop scale {name}={value!r}: expected 0 < low <= high <= 1 "
+            "(fractions of the image area)"
+        )
+    return lo, hi
+
+
+def _check_positive_range(name: str, value: Any, what: str) -> Tuple[float, float]:
+    lo, hi = check_number_pair(name, value)
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"{name}={value!r}, expected {what} range 0 < low <= high")
+    return lo, hi
+
+
+def _check_size(name: str, value: Any) -> Tuple[int, int]:
+    pair = (value, value) if is_int(value) else value
+    expected = "an int or a (height, width) pair of ints"
+    if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2 or not all(map(is_int, pair)):
+        raise TypeError(f"{name}={value!r}, expected {expected}")
+    if not all(v > 0 for v in pair):
+        raise ValueError(f"{name}={value!r}, expected {expected}, all positive")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_probs(name: str, value: Any) -> Tuple[float, ...]:
+    """One probability per global view (cycled), or a single one for all of them."""
+    if is_number(value):
+        return (check_probability(name, value, error=TypeError),)
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) == 0:
+        raise TypeError(f"{name}={value!r}, expected a probability or a non-empty sequence of probabilities")
+    return tuple(check_probability(f"{name}[{i}]", p, error=TypeError) for i, p in enumerate(value))
+
+
+def _check_strength(name: str, value: Any, center: float, bound: Tuple[float, float]) -> JitterLike:
+    """A jitter strength as ColorJitter takes it: ``s`` meaning ``[center - s, center + s]``
+    (clipped to ``bound``), or an explicit ``(low, high)`` range inside ``bound``."""
+    lo_b, hi_b = bound
+    if is_number(value):
+        # Hue is a shift around 0, so its strength may not reach past the colour circle's half.
+        upper = min(center - lo_b, hi_b - center) if center == 0.0 else math.inf
+        if not 0.0 <= value <= upper:
+            limit = f"in [0, {upper}]" if math.isfinite(upper) else ">= 0"
+            raise ValueError(f"{name}={value!r}, expected a strength {limit} or a (low, high) range")
+        return float(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        lo, hi = check_number_pair(name, value)
+        if not lo_b <= lo <= hi <= hi_b:
+            raise ValueError(f"{name}={value!r}, expected a range {lo_b} <= low <= high <= {hi_b}")
+        return (lo, hi)
+    raise TypeError(f"{name}={value!r}, expected a non-negative number or a (low, high) pair of numbers")
+
+
+def _check_stats(mean: Any, std: Any) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    for name, value in (("mean", mean), ("std", std)):
+        if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(is_number, value)):
+            raise TypeError(f"{name}={value!r}, expected a sequence of 1 or 3 numbers")
+    if len(mean) != len(std) or len(mean) not in (1, 3):
+        raise ValueError(
+            f"mean={tuple(mean)!r} and std={tuple(std)!r}: expected equal lengths of 1 (greyscale "
+            f"output) or 3 (RGB output), got {len(mean)} and {len(std)}"
+        )
+    if not all(s > 0.0 for s in std):
+        raise ValueError(f"std={tuple(std)!r}, expected every std > 0")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _check_interpolation(value: Any) -> InterpolationMode:
+    if isinstance(value, InterpolationMode):
+        return value
+    try:
+        if isinstance(value, str):
+            return InterpolationMode(value.lower())
+        if is_int(value):
+            # The official script passes PIL constants such as Image.BICUBIC (== 3).
+            return InterpolationMode[Image.Resampling(value).name]
+    except (ValueError, KeyError):
+        pass
+    names = ", ".join(repr(m.value) for m in InterpolationMode)
+    raise ValueError(
+        f"interpolation={value!r}, expected an InterpolationMode, a PIL resampling constant or one of {names}"
+    )
+
+
+def _jitter_range(value: JitterLike, center: float, clip_low: bool) -> Optional[Tuple[float, float]]:
+    # torchvision's ColorJitter._check_input, so both augmenters draw factors from the same range.
+    if isinstance(value, tuple):
+        low, high = value
+    else:
+        low, high = center - value, center + value
+        if clip_low:
+            low = max(low, 0.0)
+    return None if low == high == center else (float(low), float(high))
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass(frozen=True, repr=False)
+class MultiCropRecipe:
+    """The DINO multi-crop configuration, checked once; the defaults are the official recipe.
+
+    Each image becomes ``[global_1, ..., global_G, local_1, ..., local_N]``: ``G`` global views of
+    shape ``(C, *global_crop_size)`` and ``N`` local views of shape ``(C, *local_crop_size)``, with
+    ``C = len(mean)``.  Every view is drawn independently: RandomResizedCrop -> horizontal flip ->
+    colour jitter -> grayscale -> Gaussian blur -> solarize -> normalise.
+
+    The first three arguments are positional, in the order of the official ``DataAugmentationDINO``;
+    the rest are keyword-only.  After construction every field holds its normalised form (tuples of
+    floats, ``(height, width)`` int pairs, an :class:`InterpolationMode`).
+
+    Args:
+        global_crops_scale: area fraction range ``(low, high)`` of the global crops, ``0 < low <= high <= 1``.
+        local_crops_scale: the same for the local crops.
+        local_crops_number: ``N >= 0``.
+        global_crops_number: ``G >= 1``.
+        global_crop_size, local_crop_size: output size, an int or ``(height, width)``.
+        ratio: aspect-ratio range ``(low, high)`` of the crops, ``0 < low <= high``.
+        interpolation: an ``InterpolationMode``, its name, or a PIL resampling constant.
+        flip_prob: horizontal flip probability.
+        brightness, contrast, saturation, hue: ColorJitter strengths (a number ``s`` or a ``(low, high)``
+            range; 0 turns the component off).
+        color_jitter_prob: probability of applying the colour jitter.
+        grayscale_prob: probability of the grey conversion (RGB output only).
+        global_blur_probs: blur probability of each global view, cycled when ``G`` exceeds its length.
+        local_blur_prob: blur probability of every local view.
+        blur_sigma: range ``(low, high)`` of the uniformly drawn blur sigma, ``0 < low <= high``.
+        global_solarize_probs: solarize probability of each global view, cycled like the blur ones.
+        local_solarize_prob: solarize probability of every local view (0 in the official recipe).
+        solarize_threshold: uint8 pixel values ``>= solarize_threshold`` are inverted.
+        mean, std: per-channel normalisation statistics, both of length 1 or both of length 3.
+
+    Raises:
+        TypeError, ValueError: on a bad argument; the message names the argument, the value given and
+            what was expected.
+    """
+
+    global_crops_scale: Sequence[float] = (0.4, 1.0)
+    local_crops_scale: Sequence[float] = (0.05, 0.4)
+    local_crops_number: int = 8
+    _: KW_ONLY
+    global_crops_number: int = 2
+    global_crop_size: SizeLike = 224
+    local_crop_size: SizeLike = 96
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: InterpolationLike = InterpolationMode.BICUBIC
+    flip_prob: float = 0.5
+    brightness: JitterLike = 0.4
+    contrast: JitterLike = 0.4
+    saturation: JitterLike = 0.2
+    hue: JitterLike = 0.1
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    global_blur_probs: ProbsLike = (1.0, 0.1)
+    local_blur_prob: float = 0.5
+    blur_sigma: Sequence[float] = (0.1, 2.0)
+    global_solarize_probs: ProbsLike = (0.0, 0.2)
+    local_solarize_prob: float = 0.0
+    solarize_threshold: int = 128
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        checked: Dict[str, Any] = {
+            "global_crops_scale": _check_scale("global_crops_scale", self.global_crops_scale),
+            "local_crops_scale": _check_scale("local_crops_scale", self.local_crops_scale),
+            "local_crops_number": check_int("local_crops_number", self.local_crops_number, 0, error=TypeError),
+            "global_crops_number": check_int("global_crops_number", self.global_crops_number, 1, error=TypeError),
+            "global_crop_size": _check_size("global_crop_size", self.global_crop_size),
+            "local_crop_size": _check_size("local_crop_size", self.local_crop_size),
+            "ratio": _check_positive_range("ratio", self.ratio, "an aspect-ratio"),
+            "interpolation": _check_interpolation(self.interpolation),
+            "brightness": _check_strength("brightness", self.brightness, 1.0, (0.0, math.inf)),
+            "contrast": _check_strength("contrast", self.contrast, 1.0, (0.0, math.inf)),
+            "saturation": _check_strength("saturation", self.saturation, 1.0, (0.0, math.inf)),
+            "hue": _check_strength("hue", self.hue, 0.0, (-0.5, 0.5)),
+            "global_blur_probs": _check_probs("global_blur_probs", self.global_blur_probs),
+            "blur_sigma": _check_positive_range("blur_sigma", self.blur_sigma, "a sigma"),
+            "global_solarize_probs": _check_probs("global_solarize_probs", self.global_solarize_probs),
+        }
+        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "local_blur_prob", "local_solarize_prob"):
+            checked[name] = check_probability(name, getattr(self, name), error=TypeError)
+        threshold = self.solarize_threshold
+        if not is_int(threshold) or not 0 <= threshold <= 255:
+            kind = ValueError if is_int(threshold) else TypeError
+            raise kind(f"solarize_threshold={threshold!r}, expected an int in [0, 255]")
+        checked["solarize_threshold"] = int(threshold)
+        checked["mean"], checked["std"] = _check_stats(self.mean, self.std)
+        # Frozen: the normalised values go in through object.__setattr__, once, here.
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    # -----------------------------------------------------------------------------------------
+    # derived values
+
+    @property
+    def num_views(self) -> int:
+        """``G + N``, the number of views per image."""
+        return self.global_crops_number + self.local_crops_number
+
+    @property
+    def channels(self) -> int:
+        """``C``, the output channel count: ``len(mean)`` (1 grey, 3 RGB)."""
+        return len(self.mean)
+
+    def global_blur_prob(self, index: int) -> float:
+        """Blur probability of global view ``index`` (0-based), after cycling."""
+        return self.global_blur_probs[index % len(self.global_blur_probs)]
+
+    def global_solarize_prob(self, index: int) -> float:
+        """Solarize probability of global view ``index`` (0-based), after cycling."""
+        return self.global_solarize_probs[index % len(self.global_solarize_probs)]
+
+    @property
+    def view_specs(self) -> List[ViewSpec]:
+        """One :class:`ViewSpec` per output view, in output order (globals first)."""
+        specs = [
+            ViewSpec(self.global_crop_size, False, self.global_crops_scale,
+                     self.global_blur_prob(i), self.global_solarize_prob(i))
+            for i in range(self.global_crops_number)
+        ]
+        local = ViewSpec(self.local_crop_size, True, self.local_crops_scale, self.local_blur_prob,
+                         self.local_solarize_prob)
+        return specs + [local] * self.local_crops_number
+
+    @property
+    def jitter_ranges(self) -> Tuple[Optional[Tuple[float, float]], ...]:
+        """Factor ranges of (brightness, contrast, saturation, hue), None for a disabled component.
+
+        Brightness, contrast and saturation factors are clipped at 0; a hue shift lies in [-0.5, 0.5].
+        """
+        return (
+            _jitter_range(self.brightness, 1.0, clip_low=True),
+            _jitter_range(self.contrast, 1.0, clip_low=True),
+            _jitter_range(self.saturation, 1.0, clip_low=True),
+            _jitter_range(self.hue, 0.0, clip_low=False),
+        )
+
+    def settings(self) -> Dict[str, Any]:
+        """Every field by name, interpolation as its name; ``MultiCropRecipe(**settings())`` is equal."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["interpolation"] = self.interpolation.value
+        return values
+
+    def __repr__(self) -> str:
+        return f"MultiCropRecipe({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+
+    @classmethod
+    def resolve(cls, owner: str, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                recipe: Optional["MultiCropRecipe"]) -> "MultiCropRecipe":
+        """The recipe an augmenter's ``__init__(*args, recipe=None, **kwargs)`` asks for: ``recipe``
+        itself, or one built from the arguments; giving both is an error."""
+        if recipe is None:
+            return cls(*args, **kwargs)
+        if not isinstance(recipe, cls):
+            raise TypeError(f"recipe={recipe!r}, expected a MultiCropRecipe")
+        if args or kwargs:
+            given = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+            raise TypeError(
+                f"{owner}: pass either recipe= or the recipe's arguments, not both "
+                f"(got recipe= and {', '.join(given)}); use dataclasses.replace(recipe, ...) for a variant"
+            )
+        return recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# read access for the augmenters
+
+_DERIVED = ("num_views", "channels", "global_blur_prob", "global_solarize_prob", "view_specs", "jitter_ranges")
+
+
+class RecipeAttributes:
+    """Mixin for the augmenters: ``augmenter.<name>`` reads ``augmenter.recipe.<name>``.
+
+    Covers every recipe field and derived helper (``t.global_crops_scale``, ``t.num_views``,
+    ``t.global_blur_prob(0)``, ...).  The attributes are read-only, as the recipe is frozen: build a
+    new augmenter from ``dataclasses.replace(t.recipe, ...)`` for a variant.  Class-level properties
+    rather than ``__getattr__``, which ``nn.Module`` already uses for parameters and submodules.
+    """
+
+    recipe: MultiCropRecipe
+
+
+def _read_through(name: str) -> property:
+    def get(self: RecipeAttributes) -> Any:
+        return getattr(self.recipe, name)
+
+    return property(get, doc=f"``self.recipe.{name}`` (read-only).")
+
+
+for _name in [f.name for f in fields(MultiCropRecipe)] + list(_DERIVED):
+    setattr(RecipeAttributes, _name, _read_through(_name))
+
+
+def augmenter_signature() -> inspect.Signature:
+    """``(self, <the recipe's arguments>, *, recipe=None)``, for ``help()`` and IDEs on the augmenters,
+    whose ``__init__`` forwards ``*args, **kwargs`` to :class:`MultiCropRecipe`."""
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    recipe = inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation="Optional[MultiCropRecipe]")
+    return inspect.Signature([this, *inspect.signature(MultiCropRecipe).parameters.values(), recipe])
