@@ -30,10 +30,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "dino-train = dino_pytorch.train:main",
-            "dino-eval-knn = dino_pytorch.eval.knn:main",
-            "dino-eval-linear = dino_pytorch.eval.linear:main",
-            "dino-visualize-attention = dino_pytorch.visualize:main",
+            "dino-train = dino_pytorch.cli.train:main",
+            "dino-eval-knn = dino_pytorch.cli.eval_knn:main",
+            "dino-eval-linear = dino_pytorch.cli.eval_linear:main",
+            "dino-visualize-attention = dino_pytorch.cli.visualize_attention:main",
+            "dino-plot-curves = dino_pytorch.cli.plot_curves:main",
         ]
     },
     classifiers=[

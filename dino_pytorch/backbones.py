@@ -1,182 +1,19 @@
-"""Features from any backbone without editing it: timm, torchvision, or a user's own module.
+"""Deprecated: renamed :mod:`dino_pytorch.features` (``backbones`` read like the models package)."""
+import warnings
 
-The official wrapper sets ``backbone.fc = backbone.head = nn.Identity()`` on the user's model. Here
-the classifier is bypassed instead, and the returned module shares every parameter with the
-user's object, so the trained weights live there.
-"""
-from __future__ import annotations
+from .features import *  # noqa: F401,F403
+from .features import (  # noqa: F401
+    CLASSIFIER_NAMES,
+    BypassClassifier,
+    TimmFeatures,
+    as_feature_extractor,
+    feature_dim_hint,
+    find_classifier,
+    infer_feature_dim,
+)
 
-from typing import Any, Optional, Sequence
-
-import torch
-from torch import Tensor, nn
-
-from .wrapper import backbone_tensor
-
-CLASSIFIER_NAMES = ("fc", "head", "heads", "classifier")
-
-
-_PASSIVE = (nn.Dropout, nn.Identity, nn.Flatten)
-
-
-def _ends_in_linear(module: nn.Module) -> bool:
-    """A Linear, or a Sequential whose last non-passive layer is a Linear (VGG, MobileNet)."""
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Sequential):
-        active = [m for m in module if not isinstance(m, _PASSIVE)]
-        return bool(active) and isinstance(active[-1], nn.Linear)
-    return False
-
-
-def find_classifier(backbone: nn.Module) -> Optional[str]:
-    """Name of a trailing classifier attribute (``fc``, ``head``, ``heads``, ``classifier``), if any."""
-    for name in CLASSIFIER_NAMES:
-        module = getattr(backbone, name, None)
-        if isinstance(module, nn.Module) and _ends_in_linear(module):
-            return name
-    return None
-
-
-class _Bypass(Exception):
-    """Raised inside the classifier's pre-hook to stop the forward once its input is known."""
-
-    def __init__(self, features: Tensor) -> None:
-        super().__init__()
-        self.features = features
-
-
-class TimmFeatures(nn.Module):
-    """Pre-logits features of a timm model (``forward_features`` + ``forward_head(pre_logits=True)``).
-
-    Shapes: (B, C, H, W) -> (B, D).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-
-
-class BypassClassifier(nn.Module):
-    """Features of ``model`` taken at the input of its classifier attribute ``name``.
-
-    A forward pre-hook on the classifier catches its input and stops the forward there, so the
-    classifier never runs and its parameters get no gradient. The hook exists only during the call.
-
-    Shapes: model input -> (B, D) (feature maps are flattened as the model itself would).
-    """
-
-    def __init__(self, model: nn.Module, name: str) -> None:
-        super().__init__()
-        self.model = model
-        self.classifier_name = name
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        def stop(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            raise _Bypass(inputs[0])
-
-        handle = getattr(self.model, self.classifier_name).register_forward_pre_hook(stop)
-        try:
-            self.model(*args, **kwargs)
-        except _Bypass as bypass:
-            return bypass.features
-        finally:
-            handle.remove()
-        raise RuntimeError(f"{type(self.model).__name__}.{self.classifier_name} was never called in forward")
-
-    def extra_repr(self) -> str:
-        return f"bypassed={self.classifier_name!r}"
-
-
-def _traced_without(model: nn.Module, name: str) -> Optional[nn.Module]:
-    """An FX graph of ``model`` that returns the classifier's input; None when tracing fails.
-
-    The GraphModule holds the very submodules of ``model`` (not copies), and it can be compiled,
-    unlike the exception-based :class:`BypassClassifier`.
-    """
-    try:
-        graph_module = torch.fx.symbolic_trace(model)
-    except Exception:
-        return None
-    graph = graph_module.graph
-    target = next(
-        (n for n in graph.nodes if n.op == "call_module" and (n.target == name or str(n.target).startswith(name + "."))),
-        None,
-    )
-    if target is None or not target.args:
-        return None
-    features = target.args[0]
-    for node in list(graph.nodes):
-        if node.op == "output":
-            node.args = (features,)
-    graph.eliminate_dead_code()
-    graph.lint()
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Features")
-
-
-def as_feature_extractor(backbone: nn.Module) -> nn.Module:
-    """A module computing ``backbone``'s pooled features, sharing all of its parameters.
-
-    - timm models: ``forward_head(forward_features(x), pre_logits=True)``;
-    - models with a trailing ``fc`` / ``head`` / ``classifier`` Linear (torchvision ResNet, ViT,
-      EfficientNet, ...): the input of that classifier (FX graph, or a hook when tracing fails);
-    - anything else: the model itself, which should return (B, D) features.
-    """
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone is a {type(backbone).__name__}, expected an nn.Module")
-    if hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head"):
-        return TimmFeatures(backbone)
-    name = find_classifier(backbone)
-    if name is None:
-        return backbone
-    return _traced_without(backbone, name) or BypassClassifier(backbone, name)
-
-
-def _first_conv_channels(module: nn.Module) -> Optional[int]:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d,)):
-            return m.in_channels
-    return None
-
-
-def infer_feature_dim(features: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
-    """Width D of ``features``' output, from a dummy forward of two (C, H, W) inputs.
-
-    ``input_size`` defaults to (C, 224, 224) with C the first Conv2d's input channels (3 without
-    one). The forward runs in eval mode under no_grad, so BatchNorm statistics are not touched.
-    """
-    if input_size is None:
-        input_size = (_first_conv_channels(features) or 3, 224, 224)
-    param = next(features.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    was_training = features.training
-    features.eval()
-    try:
-        with torch.no_grad():
-            out = features(torch.zeros(2, *input_size, device=device, dtype=dtype))
-    except Exception as err:
-        raise ValueError(
-            f"could not infer the backbone's feature width from a dummy input of shape (2, {', '.join(map(str, input_size))}): "
-            f"{type(err).__name__}: {err}. Pass embed_dim= (and/or input_size=)"
-        ) from err
-    finally:
-        features.train(was_training)
-    return backbone_tensor(out, "backbone (dummy forward)").shape[-1]
-
-
-def feature_dim_hint(backbone: nn.Module) -> Optional[int]:
-    """Feature width read off common attributes, without a forward; None if unknown."""
-    for attr in ("embed_dim", "num_features"):
-        value = getattr(backbone, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    name = find_classifier(backbone)
-    if name is not None:
-        module = getattr(backbone, name)
-        linear = module if isinstance(module, nn.Linear) else next(m for m in module if isinstance(m, nn.Linear))
-        return linear.in_features
-    return None
+warnings.warn(
+    "dino_pytorch.backbones is deprecated and will be removed in 0.3: import from dino_pytorch.features",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -25,14 +25,12 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .head import _OFFICIAL_TO_PARAMETRIZED
+
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Our DINOHead keeps the last layer's weight norm as a parametrization; the official code used
-# the deprecated nn.utils.weight_norm, whose names are kept in checkpoints for compatibility.
-_PARAMETRIZED_TO_OFFICIAL = {
-    "last_layer.parametrizations.weight.original0": "last_layer.weight_g",
-    "last_layer.parametrizations.weight.original1": "last_layer.weight_v",
-}
+# The one official key map lives with DINOHead; here it is read the other way round.
+_PARAMETRIZED_TO_OFFICIAL = {ours: theirs for theirs, ours in _OFFICIAL_TO_PARAMETRIZED.items()}
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 
 
@@ -44,16 +42,12 @@ class CheckpointError(RuntimeError):
 
 def _fsync_directory(directory: str) -> None:
     # Makes the rename itself durable. Not possible on Windows or some filesystems: best effort.
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
@@ -287,29 +281,15 @@ def _split_backbone_head(state: Mapping[str, Tensor], path: str) -> tuple[dict[s
     return backbone, head
 
 
-def load_official_weights(
-    path: PathLike,
-    *,
-    checkpoint_key: str = "teacher",
-    trusted: bool = False,
-    map_location: Any = "cpu",
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(backbone_state, head_state)`` from an official DINO file or one of ours.
-
-    Accepts a full training checkpoint (``student`` / ``teacher`` entries with ``module.``,
-    ``backbone.`` and ``head.`` prefixes; the entry ``checkpoint_key`` is used) or a backbone-only
-    state_dict as released on the DINO model zoo (then ``head_state`` is empty). The prefixes
-    ``module.`` and ``backbone.`` are removed as prefixes; head keys keep the official
-    ``last_layer.weight_g`` / ``weight_v`` names, which :class:`DINOHead` maps on load.
+def read_checkpoint(path: PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+    """The top-level dict of a checkpoint file, ours or official, loaded safely.
 
     Args:
         trusted: official full checkpoints hold a pickled ``argparse.Namespace``, which safe
             loading refuses. ``trusted=True`` loads with ``weights_only=False``. **Unpickling can
             execute arbitrary code: only pass True for files from a source you trust.**
 
-    Raises:
-        CheckpointError: unreadable or corrupt file, untrusted objects without ``trusted=True``,
-            or no state dict under ``checkpoint_key``.
+    Raises CheckpointError: unreadable or corrupt file, untrusted objects, or not a dict.
     """
     path = os.fspath(path)
     try:
@@ -321,6 +301,36 @@ def load_official_weights(
         raw = _torch_load(path, map_location, weights_only=False)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(raw).__name__}, expected a dict")
+    return dict(raw)
+
+
+def load_official_weights(
+    path: PathLike,
+    *,
+    checkpoint_key: str = "teacher",
+    trusted: bool = False,
+    map_location: Any = "cpu",
+    checkpoint: Optional[Mapping[str, Any]] = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(backbone_state, head_state)`` from an official DINO file or one of ours.
+
+    Accepts a full training checkpoint (``student`` / ``teacher`` entries with ``module.``,
+    ``backbone.`` and ``head.`` prefixes; the entry ``checkpoint_key`` is used) or a backbone-only
+    state_dict as released on the DINO model zoo (then ``head_state`` is empty). The prefixes
+    ``module.`` and ``backbone.`` are removed as prefixes; head keys keep the official
+    ``last_layer.weight_g`` / ``weight_v`` names, which :class:`DINOHead` maps on load.
+
+    Args:
+        trusted: see :func:`read_checkpoint`.
+        checkpoint: the file's dict when the caller has read it already (:func:`read_checkpoint`);
+            ``path`` then only names it in messages.
+
+    Raises:
+        CheckpointError: unreadable or corrupt file, untrusted objects without ``trusted=True``,
+            or no state dict under ``checkpoint_key``.
+    """
+    path = os.fspath(path)
+    raw = read_checkpoint(path, trusted=trusted, map_location=map_location) if checkpoint is None else checkpoint
     if checkpoint_key in raw and isinstance(raw[checkpoint_key], Mapping):
         state = raw[checkpoint_key]
     elif _is_state_dict(raw):
@@ -366,6 +376,7 @@ def load_into(
     checkpoint_key: str = "teacher",
     trusted: bool = False,
     map_location: Any = "cpu",
+    checkpoint: Optional[Mapping[str, Any]] = None,
 ) -> None:
     """Load the weights of ``path`` (see :func:`load_official_weights`) strictly.
 
@@ -376,7 +387,7 @@ def load_into(
     """
     path = os.fspath(path)
     backbone_state, head_state = load_official_weights(
-        path, checkpoint_key=checkpoint_key, trusted=trusted, map_location=map_location
+        path, checkpoint_key=checkpoint_key, trusted=trusted, map_location=map_location, checkpoint=checkpoint
     )
     _check_fit(model_backbone, backbone_state, "backbone", path)
     if head is not None:

@@ -1,14 +1,21 @@
 """DINO: the three-line path. Glue over the five modules; it holds no logic they don't."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence
+import contextlib
+from typing import Any, ContextManager, Literal, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
-from .backbones import as_feature_extractor, feature_dim_hint, infer_feature_dim
+from .checkpoint import make_official_checkpoint
+from .diagnostics import collapse_metrics
+from .features import as_feature_extractor, feature_dim_hint, infer_feature_dim
 from .head import DINOHead
 from .loss import DINOLoss
+from .optim import cancel_gradients_, clip_gradients_, get_params_groups, set_schedules
+from .schedules import DINOSchedules
 from .teacher import EMATeacher
+from .validate import check_positive_int
 from .wrapper import MultiCropWrapper
 
 
@@ -21,8 +28,18 @@ class DINO(nn.Module):
 
     ``dino(views)`` runs the teacher on the first ``num_global_views`` views and the student on all
     of them and returns the DINO loss. ``update_teacher()`` does the EMA (official per-step cosine
-    momentum when ``total_steps`` is given) and applies the centre statistics gathered since the
-    last call, so gradient accumulation is handled by calling it once per optimizer step.
+    momentum when ``total_steps`` or ``schedules`` is given) and applies the centre statistics
+    gathered since the last call, so gradient accumulation is handled by calling it once per
+    optimizer step.
+
+    The rest of the official recipe is a helper each, for any training loop (the reference program
+    ``dino-train`` is these helpers plus a loop): :meth:`param_groups`, :meth:`apply_schedules`
+    (lr / weight decay of the step), :meth:`clip_gradients_` (per parameter),
+    :meth:`cancel_last_layer_gradients_` (first-epoch freeze), :meth:`distribute` and
+    :meth:`no_sync` (DDP, gradient accumulation), :meth:`compile_forwards`, and the resume state:
+    ``state_dict()`` (student, teacher, centre, step) or the official file layout
+    (:meth:`official_checkpoint` / :meth:`load_official_checkpoint`). Mixed precision wraps the
+    call: ``with dino_pytorch.precision.autocast("bf16", device): loss = dino(views)``.
 
     The parameters of ``dino`` that require grad are exactly the student's trainable ones:
     ``AdamW(p for p in dino.parameters() if p.requires_grad)`` is right.
@@ -38,6 +55,9 @@ class DINO(nn.Module):
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, nepochs, student_temp,
             center_momentum, centering: :class:`DINOLoss` options.
         momentum_teacher, final_momentum, total_steps, teacher_buffers: :class:`EMATeacher` options.
+        schedules: per-step lr, weight decay and teacher momentum (:class:`DINOSchedules`); when
+            given, :meth:`update_teacher` takes the momentum from it (and ``momentum_teacher``,
+            ``final_momentum`` and ``total_steps`` are not used).
 
     Attributes:
         student: :class:`MultiCropWrapper` (backbone features + head), trained by the optimizer.
@@ -69,10 +89,12 @@ class DINO(nn.Module):
         final_momentum: float = 1.0,
         total_steps: Optional[int] = None,
         teacher_buffers: Literal["keep", "copy", "ema"] = "keep",
+        schedules: Optional[DINOSchedules] = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_global_views, bool) or not isinstance(num_global_views, int) or num_global_views < 1:
-            raise ValueError(f"num_global_views={num_global_views!r}, expected a positive int")
+        check_positive_int("num_global_views", num_global_views)
+        if schedules is not None and not isinstance(schedules, DINOSchedules):
+            raise TypeError(f"schedules is a {type(schedules).__name__}, expected a DINOSchedules or None")
         features = as_feature_extractor(backbone)
         if embed_dim is None:
             try:
@@ -98,6 +120,12 @@ class DINO(nn.Module):
             centering=centering,
             center_update="manual",
         )
+        self.schedules = schedules
+        # The callables the forward runs: the modules themselves, or their DDP / compiled wrappers.
+        # Not submodules, so the state_dict keeps one copy of every weight under its plain name.
+        object.__setattr__(self, "_student_forward", self.student)
+        object.__setattr__(self, "_teacher_forward", self.teacher)
+        self._last_teacher: Optional[tuple[Tensor, float]] = None
 
     @property
     def backbone(self) -> nn.Module:
@@ -128,19 +156,114 @@ class DINO(nn.Module):
             raise ValueError(
                 f"views has {len(views)} tensors, expected at least num_global_views={self.num_global_views}"
             )
-        teacher_out = self.teacher(list(views[: self.num_global_views]))
-        student_out = self.student(list(views))
+        teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
+        student_out = self._student_forward(list(views))
+        # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.
+        self._last_teacher = (teacher_out.detach(), teacher_temp if teacher_temp is not None
+                              else self.criterion.teacher_temp_at(epoch))
         # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
         return self.criterion(
             student_out, teacher_out, epoch, teacher_temp=teacher_temp, num_teacher_views=self.num_global_views
         )
 
+    def collapse_metrics(self) -> dict[str, Tensor]:
+        """Health of the teacher targets of the last forward (0-dim tensors: read them at log points).
+
+        See :func:`dino_pytorch.diagnostics.collapse_metrics`; uses the current centre.
+        """
+        if self._last_teacher is None:
+            raise RuntimeError("collapse_metrics() needs a forward first: call dino(views)")
+        logits, temp = self._last_teacher
+        with torch.no_grad():
+            probs = self.criterion.teacher_probs(list(logits.float().chunk(self.num_global_views)), temp)
+            return collapse_metrics(torch.cat(probs), self.criterion.center)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (teacher updates): the schedules' position, saved with the state."""
+        return self.teacher.step
+
     def update_teacher(self, momentum: Optional[float] = None) -> float:
         """Once per optimizer step: EMA of the teacher and the centre update. Returns the momentum."""
+        if momentum is None and self.schedules is not None:
+            momentum = self.schedules.at(self.step)["momentum"]
         self.criterion.update_center()
         return self.teacher.update(self.student, momentum=momentum)
+
+    # -- the official recipe, one helper each -----------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The official optimizer groups of the student: weight-decayed, and not (biases, 1-D)."""
+        return get_params_groups(self.student)
+
+    def apply_schedules(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Set this step's lr (every group) and weight decay (group 0), as official; returns the values.
+
+        Needs ``schedules``. Call before ``optimizer.step()``; :meth:`update_teacher` then advances
+        the step.
+        """
+        if self.schedules is None:
+            raise ValueError("schedules=None: build DINO with schedules=DINOSchedules.official(...) to apply them")
+        values = self.schedules.at(self.step)
+        set_schedules(optimizer, values["lr"], values["weight_decay"])
+        return values
+
+    def clip_gradients_(self, clip: float) -> list[Tensor]:
+        """Official per-parameter clip of the student's gradients to norm ``clip`` (no host sync)."""
+        return clip_gradients_(self.student.parameters(), clip)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """The student's prototype parameters, to freeze in the first epoch (official trick)."""
         head: Any = self.student.head
         return head.last_layer_parameters()
+
+    def cancel_last_layer_gradients_(self) -> None:
+        """Drop the prototypes' gradients (official ``--freeze_last_layer``: call while epoch < N)."""
+        cancel_gradients_(self.last_layer_parameters())
+
+    def distribute(self, device_ids: Optional[Sequence[int]] = None, sync_batchnorm: bool = True) -> "DINO":
+        """Wrap the student in DistributedDataParallel (needs an initialised process group).
+
+        With ``sync_batchnorm`` the BatchNorm layers of the student and the teacher become
+        SyncBatchNorm, as official; that needs CUDA, so on the CPU they stay per rank.
+        """
+        if sync_batchnorm and torch.cuda.is_available() and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()
+        ):
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.module)
+        ddp = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        object.__setattr__(self, "_student_forward", ddp)
+        return self
+
+    def no_sync(self, skip: bool = True) -> ContextManager[object]:
+        """DDP's ``no_sync`` while ``skip`` (micro-batches before the last of an accumulation)."""
+        ddp = self._student_forward
+        if skip and isinstance(ddp, nn.parallel.DistributedDataParallel):
+            return ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def compile_forwards(self, **compile_kwargs: Any) -> "DINO":
+        """``torch.compile`` the student (DDP included) and teacher forwards; weights stay shared."""
+        object.__setattr__(self, "_student_forward", torch.compile(self._student_forward, **compile_kwargs))
+        object.__setattr__(self, "_teacher_forward", torch.compile(self._teacher_forward, **compile_kwargs))
+        return self
+
+    # -- resume in the official file layout ---------------------------------------------------------
+    def official_checkpoint(
+        self, optimizer: Any, epoch: int, fp16_scaler: Any = None, args: Any = None, **extra: Any
+    ) -> dict[str, Any]:
+        """The official ``main_dino.py`` checkpoint dict, plus ``step`` (see :meth:`load_official_checkpoint`)."""
+        return make_official_checkpoint(self.student, self.teacher.module, optimizer, epoch, self.criterion,
+                                        fp16_scaler, args, step=self.step, **extra)
+
+    def load_official_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore student, teacher, centre and step from an :meth:`official_checkpoint` dict.
+
+        Official files hold no ``step``: the step then stays as it is (set ``dino.teacher.step``
+        to resume their schedules at the right position).
+        """
+        self.student.load_state_dict(checkpoint["student"])
+        self.teacher.module.load_state_dict(checkpoint["teacher"])
+        self.criterion.load_state_dict(checkpoint["dino_loss"])
+        if "step" in checkpoint:
+            self.teacher.step = int(checkpoint["step"])

@@ -1,9 +1,13 @@
-"""Schedules: the official per-iteration cosine array, and the same curve one value at a time."""
+"""Schedules, their only owner: the official per-iteration cosine array, the same curve one value at
+a time, the per-epoch teacher temperature, and :class:`DINOSchedules` (lr, weight decay, momentum)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from .validate import check_float, check_int, check_positive_int, check_probability
 
 
 def cosine_scheduler(
@@ -68,3 +72,78 @@ def teacher_temp_schedule(
     warmup = np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
     rest = np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
     return [float(v) for v in np.concatenate((warmup, rest))]
+
+
+@dataclass(frozen=True, eq=False)
+class DINOSchedules:
+    """The per-step values of the official recipe: learning rate, weight decay, teacher momentum.
+
+    Each is a float64 array of one value per optimizer step, built by :func:`cosine_scheduler` with
+    one "epoch" per step, which is element for element the official per-epoch array whenever the
+    warm-up is a whole number of epochs (``warmup_epochs * niter_per_ep`` steps). The teacher
+    temperature stays per epoch, as official (:class:`~dino_pytorch.DINOLoss`).
+
+    Past the last step every value holds its final entry: a run extended beyond its schedule keeps
+    training at the end values instead of failing.
+
+    Build with :meth:`official`; read with :meth:`at`.
+    """
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.lr), len(self.weight_decay), len(self.momentum)}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(
+                f"lr, weight_decay and momentum have lengths {len(self.lr)}, {len(self.weight_decay)}, "
+                f"{len(self.momentum)}; expected one non-zero length (the number of optimizer steps)"
+            )
+
+    @classmethod
+    def official(
+        cls,
+        total_steps: int,
+        *,
+        lr: float,
+        min_lr: float = 1e-6,
+        warmup_steps: int = 0,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        momentum_teacher: float = 0.996,
+        final_momentum: float = 1.0,
+    ) -> "DINOSchedules":
+        """The official schedules over ``total_steps`` optimizer steps.
+
+        Args:
+            lr: the peak learning rate, reached after the linear warm-up (official: ``--lr`` scaled
+                by the total batch size / 256).
+            min_lr: where the cosine ends.
+            warmup_steps: linear warm-up from 0 (clamped to ``total_steps``).
+            weight_decay, weight_decay_end: cosine from one to the other, no warm-up.
+            momentum_teacher, final_momentum: the EMA momentum's cosine, no warm-up.
+        """
+        total_steps = check_positive_int("total_steps", total_steps)
+        warmup_steps = min(check_int("warmup_steps", warmup_steps, 0), total_steps)
+        for name, value in (("lr", lr), ("min_lr", min_lr), ("weight_decay", weight_decay),
+                            ("weight_decay_end", weight_decay_end)):
+            check_float(name, value)
+        check_probability("momentum_teacher", momentum_teacher)
+        check_probability("final_momentum", final_momentum)
+        return cls(
+            lr=cosine_scheduler(lr, min_lr, total_steps, 1, warmup_steps),
+            weight_decay=cosine_scheduler(weight_decay, weight_decay_end, total_steps, 1),
+            momentum=cosine_scheduler(momentum_teacher, final_momentum, total_steps, 1),
+        )
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.lr)
+
+    def at(self, step: int) -> dict[str, float]:
+        """``{"lr", "weight_decay", "momentum"}`` at optimizer step ``step`` (the final values past the end)."""
+        i = min(check_int("step", step, 0), self.total_steps - 1)
+        # Plain floats: numpy scalars would leak into optimizer state dicts, which
+        # torch.load(weights_only=True) then refuses.
+        return {"lr": float(self.lr[i]), "weight_decay": float(self.weight_decay[i]), "momentum": float(self.momentum[i])}

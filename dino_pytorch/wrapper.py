@@ -15,7 +15,7 @@ def backbone_tensor(output: object, where: str = "backbone") -> Tensor:
         raise TypeError(
             f"{where} returned {type(output).__name__}, expected a (N, D) Tensor (or a tuple whose "
             "first element is one); wrap the model so its forward returns features, e.g. with "
-            "dino_pytorch.backbones.as_feature_extractor"
+            "dino_pytorch.features.as_feature_extractor"
         )
     if output.ndim != 2:
         raise ValueError(
@@ -42,7 +42,7 @@ class MultiCropWrapper(nn.Module):
 
     The backbone is used as given: nothing on it is replaced (the official wrapper overwrites
     ``backbone.fc`` and ``backbone.head``), so the trained weights live in the user's object. Give a
-    backbone whose forward returns (N, D) features (see :mod:`dino_pytorch.backbones`).
+    backbone whose forward returns (N, D) features (see :mod:`dino_pytorch.features`).
 
     Shapes:
         views: a list of V tensors (B, C, H_v, W_v) (all the same B), or one (B, C, H, W) tensor.

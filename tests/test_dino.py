@@ -178,7 +178,7 @@ def test_public_names():
 
 
 def test_classifier_detection():
-    from dino_pytorch.backbones import find_classifier
+    from dino_pytorch.features import find_classifier
 
     class WithHead(nn.Module):
         def __init__(self, head):

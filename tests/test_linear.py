@@ -1,4 +1,4 @@
-"""Linear probe: feature layouts, classifier init, the training recipe, the CLI."""
+"""Linear probe: feature layouts, classifier init, the training recipe."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dino_pytorch.eval import LinearClassifier, train_linear_probe, vit_linear_features
-from dino_pytorch.eval import linear as linear_module
-from dino_pytorch.eval.common import str2bool
 
 B, TOKENS, D, DEPTH = 3, 5, 4, 6  # TOKENS = 1 CLS + 4 patches
 
@@ -146,45 +144,6 @@ def test_probe_argument_errors():
         train_linear_probe(nn.Identity(), data, data, 4, epochs=0)
     with pytest.raises(ValueError, match="batch_size_for_lr"):
         train_linear_probe(nn.Identity(), [next(iter(data))], data, 4, epochs=1)
-
-
-@pytest.mark.parametrize("text,value", [("true", True), ("False", False), ("1", True), ("0", False),
-                                        ("on", True), ("off", False)])
-def test_bool_flag(text, value):
-    assert str2bool(text) is value
-    args = linear_module.build_parser().parse_args(["--avgpool_patchtokens", text])
-    assert args.avgpool_patchtokens is value
-
-
-def test_cli_defaults_are_official():
-    args = linear_module.build_parser().parse_args([])
-    assert (args.n_last_blocks, args.avgpool_patchtokens, args.arch, args.patch_size) == (4, False, "vit_small", 16)
-    assert (args.checkpoint_key, args.epochs, args.lr, args.batch_size_per_gpu, args.val_freq) == \
-        ("teacher", 100, 0.001, 128, 1)
-    assert args.num_labels is None and not args.precompute_features
-
-
-def test_cli_tiny_vit_subset(tmp_path):
-    result = linear_module.main([
-        "--arch", "vit_tiny", "--patch_size", "7", "--dataset", "fashion_mnist", "--subset", "40",
-        "--n_last_blocks", "2", "--avgpool_patchtokens", "true", "--epochs", "2", "--lr", "0.01",
-        "--device", "cpu", "--num_workers", "0", "--batch_size_per_gpu", "20", "--precompute_features",
-        "--output_dir", str(tmp_path),
-    ])
-    assert result["feature_dim"] == 3 * 192 and result["classifier"].num_labels == 10
-    assert os.path.isfile(tmp_path / "checkpoint.pth.tar") and os.path.isfile(tmp_path / "log.txt")
-    state = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert state["state_dict"]["linear.weight"].shape == (10, 3 * 192)
-
-
-def test_cli_augmented_path_convnet(tmp_path):
-    result = linear_module.main([
-        "--arch", "convnet", "--dataset", "fashion_mnist", "--subset", "20", "--epochs", "1",
-        "--device", "cpu", "--num_workers", "0", "--batch_size_per_gpu", "10", "--output_dir", str(tmp_path),
-    ])
-    assert result["feature_dim"] == 128 and result["lr"] == 0.001 * 10 / 256
-    args = linear_module.build_parser().parse_args(["--official_interleave", "1", "--avgpool_patchtokens", "on"])
-    assert args.official_interleave and args.avgpool_patchtokens
 
 
 def test_real_vit_last_cls_is_forward():

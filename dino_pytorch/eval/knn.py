@@ -11,7 +11,6 @@ any number of test images (the official one divides the test set into 100 chunks
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Iterable, Optional, Sequence, Union
 
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from ..validate import check_optional_positive_int, check_positive_float, check_positive_int
 from ..wrapper import backbone_tensor
 
-__all__ = ["extract_features", "knn_classifier", "knn_eval", "main"]
+__all__ = ["extract_features", "knn_classifier", "knn_eval", "load_features", "save_features"]
 
 # Default cap on one chunk's (chunk, N_train) similarity matrix.
 _CHUNK_BYTES = 256 * 2**20
@@ -249,51 +248,3 @@ def load_features(folder: str) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Ten
         torch.load(os.path.join(folder, n), map_location="cpu", weights_only=True) for n in _FEATURE_FILES
     )
     return (train_f, train_l), (test_f, test_l)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .common import add_backbone_args, add_data_args
-
-    parser = argparse.ArgumentParser(
-        "dino-eval-knn", description="Weighted k-NN evaluation of a frozen backbone (official DINO protocol)."
-    )
-    add_backbone_args(parser)
-    add_data_args(parser)
-    parser.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200],
-                        help="numbers of nearest neighbours (20 is usually the best)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="temperature of the vote weights")
-    parser.add_argument("--dump_features", default=None, help="folder to save the extracted features to")
-    parser.add_argument("--load_features", default=None,
-                        help="folder with trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth; "
-                             "skips the model and the data")
-    parser.add_argument("--chunk_size", type=int, default=None,
-                        help="test rows per similarity matrix (default: what fits in 256 MiB)")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict[int, tuple[float, float]]:
-    """``dino-eval-knn``: extract (or load) features, print and return ``{k: (top1, top5)}``."""
-    args = build_parser().parse_args(argv)
-    from .common import build_backbone, build_datasets, make_loader, resolve_device
-
-    device = resolve_device(args.device)
-    if args.load_features:
-        (train_f, train_l), (test_f, test_l) = load_features(args.load_features)
-    else:
-        train_set, test_set = build_datasets(args, train_augment=False)
-        model = build_backbone(args, device)
-        print(f"Extracting features of {len(train_set)} train and {len(test_set)} test images.")
-        train_f, train_l = extract_features(model, make_loader(train_set, args), device)
-        test_f, test_l = extract_features(model, make_loader(test_set, args), device)
-        if args.dump_features:
-            save_features(args.dump_features, (train_f, train_l), (test_f, test_l))
-    train_f, train_l = train_f.to(device), train_l.to(device)
-    results = knn_eval(train_f, train_l, test_f, test_l, args.nb_knn, args.temperature,
-                       chunk_size=args.chunk_size)
-    for k, (top1, top5) in results.items():
-        print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,6 @@ cosine schedule to 0, under cross-entropy.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
@@ -22,7 +21,7 @@ from ..distributed import get_world_size
 from ..validate import check_positive_int, check_positive_ints
 from ..wrapper import backbone_tensor
 
-__all__ = ["LinearClassifier", "vit_linear_features", "train_linear_probe", "main"]
+__all__ = ["LinearClassifier", "vit_linear_features", "train_linear_probe", "num_labels"]
 
 
 class LinearClassifier(nn.Module):
@@ -273,7 +272,7 @@ def train_linear_probe(
     }
 
 
-def _num_labels(dataset: Any) -> int:
+def num_labels(dataset: Any) -> int:
     """Classes of a dataset (through Subset wrappers): ``classes`` if present, else max label + 1."""
     inner = dataset
     while hasattr(inner, "dataset") and not hasattr(inner, "classes"):
@@ -282,62 +281,3 @@ def _num_labels(dataset: Any) -> int:
     if classes:
         return len(classes)
     return 1 + max(int(dataset[i][1]) for i in range(len(dataset)))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .common import add_backbone_args, add_data_args, str2bool
-
-    parser = argparse.ArgumentParser(
-        "dino-eval-linear", description="Linear probe on a frozen backbone (official DINO recipe)."
-    )
-    add_backbone_args(parser)
-    add_data_args(parser)
-    parser.add_argument("--n_last_blocks", type=int, default=4,
-                        help="concatenate the CLS tokens of the last n blocks (official: 4 for ViT-S, 1 for ViT-B)")
-    parser.add_argument("--avgpool_patchtokens", type=str2bool, default=False,
-                        help="append the average of the last block's patch tokens (official: False for ViT-S, True for ViT-B)")
-    parser.add_argument("--official_interleave", type=str2bool, default=False,
-                        help="interleave CLS and average as the official script (n_last_blocks=1 only)")
-    parser.add_argument("--epochs", type=int, default=100, help="training epochs")
-    parser.add_argument("--lr", type=float, default=0.001, help="base learning rate, scaled by total batch / 256")
-    parser.add_argument("--num_labels", type=int, default=None, help="number of classes (default: from the dataset)")
-    parser.add_argument("--val_freq", type=int, default=1, help="epochs between evaluations")
-    parser.add_argument("--output_dir", default=".", help="where checkpoint.pth.tar and log.txt go")
-    parser.add_argument("--precompute_features", type=str2bool, nargs="?", const=True, default=False,
-                        help="extract features once without augmentation and train on the cache (fast, not official)")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """``dino-eval-linear``: train the probe, write ``checkpoint.pth.tar`` and ``log.txt``, return the results."""
-    args = build_parser().parse_args(argv)
-    import json
-
-    from .common import build_backbone, build_datasets, make_loader, resolve_device
-
-    device = resolve_device(args.device)
-    train_set, val_set = build_datasets(args, train_augment=not args.precompute_features)
-    num_labels = args.num_labels or _num_labels(train_set)
-    model = build_backbone(args, device)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_path = os.path.join(args.output_dir, "log.txt")
-
-    def log(stats: dict[str, Any]) -> None:
-        print(json.dumps(stats))
-        with open(log_path, "a") as f:
-            f.write(json.dumps(stats) + "\n")
-
-    result = train_linear_probe(
-        model, make_loader(train_set, args, shuffle=not args.precompute_features), make_loader(val_set, args),
-        num_labels, epochs=args.epochs, lr=args.lr, n_last_blocks=args.n_last_blocks,
-        avgpool_patchtokens=args.avgpool_patchtokens, official_interleave=args.official_interleave,
-        device=device, val_freq=args.val_freq, precompute_features=args.precompute_features,
-        checkpoint_path=os.path.join(args.output_dir, "checkpoint.pth.tar"), log=log,
-    )
-    print(f"Training of the supervised linear classifier on frozen features completed.\n"
-          f"Top-1 test accuracy: {result['best_top1']:.1f} (best), {result['final_top1']:.1f} (final)")
-    return result
-
-
-if __name__ == "__main__":
-    main()

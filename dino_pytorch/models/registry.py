@@ -66,7 +66,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     ``vit_tiny`` / ``vit_small`` / ``vit_base`` (e.g. ``patch_size=8, in_chans=1, img_size=28``),
     ``convnet`` (:class:`ConvNet`), the torchvision ResNets of :func:`list_models` (the model as
-    torchvision builds it, ``fc`` included: :mod:`dino_pytorch.backbones` takes its features), or
+    torchvision builds it, ``fc`` included: :mod:`dino_pytorch.features` takes its features), or
     ``"timm:<name>"`` for any timm model.
     """
     if not isinstance(name, str):

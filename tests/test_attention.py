@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,10 +5,8 @@ import torch.nn.functional as F
 import matplotlib.image  # noqa: E402  (matplotlib: the [dev]/[train] extras)
 
 from dino_pytorch.models import vit_tiny  # noqa: E402
-from dino_pytorch.visualize import (  # noqa: E402
+from dino_pytorch.attention import (  # noqa: E402
     attention_maps,
-    main,
-    plot_curves,
     save_attention_pngs,
     save_dataset_attention_maps,
     threshold_masks,
@@ -125,62 +121,3 @@ def png(tmp_path):
     path = tmp_path / "photo.png"
     matplotlib.image.imsave(path, rgb.numpy())
     return path
-
-
-def test_cli_random_init_on_an_image(tmp_path, png):
-    out = tmp_path / "maps"
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        code = main(["--arch", "vit_tiny", "--patch_size", "8", "--image_path", str(png), "--image_size", "32", "48",
-                     "--output_dir", str(out), "--device", "cpu"])
-    assert code == 0
-    files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["img.png"] + [f"attn-head{j}.png" for j in range(3)] + [f"mask_th0.6_head{j}.png" for j in range(3)])
-    assert all((out / f).stat().st_size > 0 for f in files)
-    assert matplotlib.image.imread(out / "attn-head0.png").shape[:2] == (32, 48)
-
-
-def test_cli_with_pretrained_one_channel_weights(tmp_path, png):
-    # A 1-channel model trained at 32 px: channels and image size come from the weights.
-    model = vit_tiny(patch_size=8, img_size=32, in_chans=1)
-    weights = tmp_path / "backbone.pth"
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, weights)
-    out = tmp_path / "maps"
-    main(["--arch", "vit_tiny", "--patch_size", "8", "--pretrained_weights", str(weights), "--image_path", str(png),
-          "--image_size", "24", "24", "--threshold", "-1", "--output_dir", str(out), "--device", "cpu"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(["img.png", "attn-head0.png", "attn-head1.png", "attn-head2.png"])
-    with pytest.raises(SystemExit, match="--patch_size 8"):
-        main(["--arch", "vit_tiny", "--patch_size", "16", "--pretrained_weights", str(weights), "--image_path", str(png)])
-
-
-def test_cli_on_fashion_mnist(tmp_path):
-    out = tmp_path / "fm"
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        main(["--arch", "vit_tiny", "--patch_size", "8", "--fashion_mnist_index", "3", "--image_size", "32", "32",
-              "--threshold", "0.5", "--output_dir", str(out), "--device", "cpu"])
-    assert (out / "img.png").stat().st_size > 0 and (out / "mask_th0.5_head2.png").stat().st_size > 0
-
-
-# ----------------------------------------------------------------------------------------- curves
-
-def test_plot_curves_from_log_file(tmp_path):
-    log = tmp_path / "log.txt"
-    lines = [{"step": 10 * i, "epoch": i // 5, "train_loss": 8.0 - 0.1 * i} for i in range(20)]
-    lines[9]["knn_top1"] = 40.0
-    lines[19]["knn_top1"] = 55.0
-    lines.append({"epoch": 4, "train_lr": 1e-3})  # keys may be missing
-    log.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 200, "train_lo')  # being written
-    with pytest.warns(UserWarning, match="incomplete last line"):
-        out = plot_curves(log, tmp_path / "plots" / "curves.png")
-    assert out.exists() and out.stat().st_size > 0
-    assert matplotlib.image.imread(out).shape[1] > matplotlib.image.imread(out).shape[0]  # two panels
-
-
-def test_plot_curves_from_records_and_errors(tmp_path):
-    out = plot_curves([{"epoch": e, "train_loss": 5.0 / (e + 1)} for e in range(5)], tmp_path / "loss.png")
-    assert out.stat().st_size > 0
-    with pytest.raises(ValueError, match="no train_loss"):
-        plot_curves([{"epoch": 1}], tmp_path / "x.png")
-    bad = tmp_path / "bad.txt"
-    bad.write_text('{"train_loss": 1}\nnot json\n{"train_loss": 2}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        plot_curves(bad, tmp_path / "x.png")

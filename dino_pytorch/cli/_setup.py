@@ -1,0 +1,324 @@
+"""What every program shares: one-line errors, flags, device, the backbone (from flags or from a
+checkpoint's stored configuration), image channels, datasets, and k-NN on a dataset.
+
+The library never imports this module; each program is a short ``main`` over these helpers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..checkpoint import CheckpointError, load_into, read_checkpoint
+from ..model_config import build_backbone, make_model_config, read_model_config
+
+VIT_PREFIX = "vit_"
+DEBUG_ENV = "DINO_PYTORCH_DEBUG"
+
+
+class UsageError(Exception):
+    """A user error: printed as one line ``<prog>: error: <message>``, exit status 2."""
+
+
+def run_program(prog: str, main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]]) -> Any:
+    """Run ``main(argv)``; user errors end in one line on stderr and exit 2 (a traceback only
+    with ``DINO_PYTORCH_DEBUG=1``)."""
+    try:
+        return main(argv)
+    except (UsageError, CheckpointError, FileNotFoundError) as err:
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc()
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+_TRUE, _FALSE = ("true", "1", "on", "yes", "t", "y"), ("false", "0", "off", "no", "f", "n")
+
+
+def bool_flag(value: str) -> bool:
+    """argparse type for booleans: true/false, 1/0, on/off, yes/no (any case), as official."""
+    lowered = str(value).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean, expected one of true/false, 1/0, on/off, yes/no")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, training: bool) -> None:
+    """Architecture flags. Evaluation programs default them to None: the checkpoint's stored
+    configuration decides, and the official defaults apply to files that store none."""
+    default = (lambda value: value) if training else (lambda value: None)
+    parser.add_argument("--arch", default=default("vit_small"),
+                        help="vit_tiny / vit_small / vit_base, convnet, a torchvision ResNet name, or timm:<name>"
+                             + ("" if training else " (default: the checkpoint's, else vit_small)"))
+    parser.add_argument("--patch_size", default=default(16), type=int,
+                        help="ViT patch size" + ("" if training else " (default: the checkpoint's, else 16)"))
+    parser.add_argument("--vit_depth", default=None, type=int, help="ViT: blocks (default: the arch's 12)")
+    parser.add_argument("--vit_embed_dim", default=None, type=int, help="ViT: width (default: the arch's)")
+    parser.add_argument("--width", default=default(32), type=int, help="convnet width")
+    parser.add_argument("--pool", default=default(1), type=int,
+                        help="convnet: average-pool the last map to pool x pool cells")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the evaluation programs: what to evaluate, on which data, where."""
+    add_model_args(parser, training=False)
+    parser.add_argument("--pretrained_weights", default="", help="checkpoint to evaluate (empty: random init)")
+    parser.add_argument("--checkpoint_key", default="teacher", help='entry of a full checkpoint ("teacher" or "student")')
+    parser.add_argument("--trusted_checkpoint", type=bool_flag, nargs="?", const=True, default=False,
+                        help="allow unpickling (weights_only=False), needed by official full training checkpoints "
+                             "(they hold an argparse Namespace); only for files you trust")
+    parser.add_argument("--in_chans", type=int, default=None,
+                        help="model input channels for a file without stored configuration (default: 1 for "
+                             "fashion_mnist, else 3; grey images are repeated)")
+    parser.add_argument("--img_size", type=int, default=None,
+                        help="ViT position-table resolution for a file without stored configuration (default: "
+                             "28 for fashion_mnist, else 224; other input sizes are interpolated)")
+    parser.add_argument("--dataset", choices=("imagefolder", "fashion_mnist"), default=None,
+                        help="imagefolder: --data_path/{train,val}; fashion_mnist: the idx files "
+                             "(default: the checkpoint's, else imagefolder)")
+    parser.add_argument("--data_path", default=None,
+                        help="imagefolder: folder with train/ and val/; fashion_mnist: folder of the idx files "
+                             "(default: dino_pytorch.datasets.FASHION_MNIST_DIR)")
+    parser.add_argument("--subset", type=int, default=None, help="use only the first N train and N test images")
+    parser.add_argument("--batch_size_per_gpu", type=int, default=128, help="batch size of the data loaders")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--num_workers", type=int, default=4, help="data loader workers")
+
+
+def eval_setup(args: argparse.Namespace, train_augment: bool) -> tuple[nn.Module, Dataset, Dataset, torch.device]:
+    """(frozen backbone, train set, test set, device) of an evaluation program; the data are
+    prepared as the checkpoint's configuration says (dataset, channels, image size)."""
+    device = resolve_device(args.device)
+    model, config = backbone_for_eval(args, device)
+    data = config["data"]
+    dataset = args.dataset or data.get("dataset") or "imagefolder"
+    channels = data.get("in_chans") or image_channels(dataset, config["arch"])
+    size = data.get("image_size") or (28 if dataset == "fashion_mnist" else 224)
+    train_set, test_set = eval_datasets(dataset, args.data_path, channels, size, train_augment=train_augment,
+                                        subset=args.subset)
+    return model, train_set, test_set, device
+
+
+def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
+    """``--device``, defaulting to the CUDA device of this rank when there is one, else the CPU."""
+    if device is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device!r}: {err}") from None
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    return resolved
+
+
+def is_torchvision_arch(arch: str) -> bool:
+    return not (arch.startswith((VIT_PREFIX, "timm:")) or arch == "convnet")
+
+
+def image_channels(dataset: Optional[str], arch: str, override: Optional[int] = None) -> int:
+    """The one channel rule: grey Fashion-MNIST stays 1-channel, except for torchvision models,
+    which take RGB only (grey images are repeated); everything else is RGB."""
+    if is_torchvision_arch(arch):
+        return 3
+    if override is not None:
+        return override
+    return 1 if dataset == "fashion_mnist" else 3
+
+
+def dataset_stats(dataset: str, channels: int) -> tuple[list[float], list[float]]:
+    """Normalisation mean and std of a dataset's images, one entry per channel."""
+    from ..augment import IMAGENET_MEAN, IMAGENET_STD
+    from ..datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    if dataset == "fashion_mnist":
+        return list(FASHION_MNIST_MEAN) * channels, list(FASHION_MNIST_STD) * channels
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def config_from_flags(args: argparse.Namespace, dataset: str, channels: int, image_size: int) -> dict[str, Any]:
+    """The model configuration the flags describe (the same ``create_model`` call for every program)."""
+    arch = args.arch
+    drop_path = getattr(args, "drop_path_rate", 0.0)
+    if arch.startswith(VIT_PREFIX):
+        kwargs: dict[str, Any] = dict(patch_size=args.patch_size, in_chans=channels, img_size=image_size,
+                                      drop_path_rate=drop_path)
+        kwargs.update({k: v for k, v in (("depth", args.vit_depth), ("embed_dim", args.vit_embed_dim)) if v})
+    elif arch == "convnet":
+        kwargs = dict(in_chans=channels, width=args.width, pool=args.pool)
+    elif arch.startswith("timm:"):
+        # num_classes=0: no dead classifier parameters (DDP would wait for their gradients).
+        kwargs = dict(in_chans=channels, num_classes=0, drop_path_rate=drop_path)
+    else:
+        kwargs = {}
+    mean, std = dataset_stats(dataset, channels)
+    data = dict(dataset=dataset, in_chans=channels, image_size=image_size, mean=mean, std=std)
+    return make_model_config(arch, kwargs, data=data)
+
+
+def backbone_from_flags(config: dict[str, Any]) -> nn.Module:
+    """:func:`~dino_pytorch.model_config.build_backbone`, with an unknown name as a user error."""
+    try:
+        return build_backbone(config)
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"--arch {config['arch']!r}: {err}") from None
+
+
+def backbone_for_eval(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen backbone to evaluate, in eval mode, and the configuration it was built from.
+
+    Built from the checkpoint's stored configuration unless ``--arch`` is given; a file with no
+    stored configuration (official, older, or a custom backbone) is built from the flags, with the
+    official defaults. A trailing classifier is replaced by Identity, as the official eval does.
+    """
+    from ..features import find_classifier
+
+    path = args.pretrained_weights
+    raw = read_checkpoint(path, trusted=args.trusted_checkpoint) if path else None
+    stored = read_model_config(raw, path) if raw is not None else None
+    if stored is not None and args.arch is None:
+        config = stored
+    else:
+        args.arch = args.arch or "vit_small"
+        args.patch_size = args.patch_size or 16
+        args.width, args.pool = args.width or 32, args.pool or 1
+        dataset = args.dataset or "imagefolder"
+        channels = image_channels(dataset, args.arch, args.in_chans)
+        size = args.img_size or (28 if dataset == "fashion_mnist" else 224)
+        config = config_from_flags(args, dataset, channels, size)
+    model = backbone_from_flags(config)
+    classifier = find_classifier(model)
+    if classifier is not None:
+        setattr(model, classifier, nn.Identity())
+    if raw is not None:
+        try:
+            load_into(model, None, path, checkpoint_key=args.checkpoint_key, checkpoint=raw)
+        except CheckpointError as err:
+            hint = "" if stored is not None else (
+                f"; {path} stores no model configuration (an official file, one written before dino-pytorch "
+                "0.2, or a custom backbone): pass --arch, --patch_size, --vit_depth, --vit_embed_dim or "
+                "--width as it was trained")
+            raise UsageError(f"--pretrained_weights {path}: {err}{hint}") from None
+        print(f"Loaded {args.checkpoint_key!r} weights of {config['arch']} from {path}.", flush=True)
+    else:
+        print("No --pretrained_weights: evaluating randomly initialised weights.", flush=True)
+    return model.to(device).eval(), config
+
+
+# -------------------------------------------------------------------------------------------- data
+
+class _ImageTensor(Dataset):
+    """Normalised one-channel images held in memory, repeated to ``channels`` per item."""
+
+    def __init__(self, images: Tensor, labels: Tensor, channels: int, flip: bool, classes: Sequence[str]) -> None:
+        self.images, self.labels, self.channels, self.flip = images, labels, channels, flip
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index]
+        if self.flip and bool(torch.rand(()) < 0.5):
+            image = image.flip(-1)
+        return image.expand(self.channels, -1, -1), int(self.labels[index])
+
+
+def eval_datasets(
+    dataset: str, data_path: Optional[str], channels: int, image_size: int,
+    *, train_augment: bool = False, subset: Optional[int] = None,
+) -> tuple[Dataset, Dataset]:
+    """(train, test) with the official evaluation transforms; ``train_augment`` adds the linear
+    probe's flips (Fashion-MNIST) or its RandomResizedCrop + flip (ImageFolder)."""
+    if dataset == "fashion_mnist":
+        from ..datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+
+        sets = []
+        for train in (True, False):
+            images, labels = load_fashion_mnist(train, data_path)
+            x = images.float().div_(255)
+            if image_size != x.shape[-1]:
+                x = torch.nn.functional.interpolate(x, size=image_size, mode="bicubic", align_corners=False)
+            x = (x - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+            sets.append(_ImageTensor(x, labels, channels, train and train_augment, FASHION_MNIST_CLASSES))
+        train_set, test_set = sets
+    elif dataset == "imagefolder":
+        from torchvision import transforms as T
+        from torchvision.datasets import ImageFolder
+
+        from ..augment import IMAGENET_MEAN, IMAGENET_STD
+
+        if not data_path or not os.path.isdir(os.path.join(data_path, "train")):
+            raise UsageError(f"--data_path {data_path!r}: expected a folder with train/ and val/ image folders")
+        normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        val = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), *normalize])
+        train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *normalize]) if train_augment else val
+        train_set = ImageFolder(os.path.join(data_path, "train"), transform=train_tf)
+        test_set = ImageFolder(os.path.join(data_path, "val"), transform=val)
+    else:
+        raise UsageError(f"--dataset {dataset!r}, expected imagefolder or fashion_mnist")
+    if subset is not None and subset < 1:
+        raise UsageError(f"--subset {subset}, expected a positive number of images")
+    return first(train_set, subset), first(test_set, subset)
+
+
+def first(dataset: Dataset, count: Optional[int]) -> Dataset:
+    """The first ``count`` items of ``dataset`` (all of it when ``count`` is None)."""
+    return dataset if not count else Subset(dataset, range(min(count, len(dataset))))  # type: ignore[arg-type]
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
+                shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=False)
+
+
+@torch.no_grad()
+def knn_top1(backbone: nn.Module, train_set: Dataset, test_set: Dataset, device: torch.device) -> float:
+    """Weighted 20-NN top-1 (%, T = 0.07) of ``backbone`` features, train set -> test set."""
+    from ..eval.knn import extract_features, knn_classifier
+
+    train_f, train_y = extract_features(backbone, make_loader(train_set, 512, 0, device), device=device)
+    test_f, test_y = extract_features(backbone, make_loader(test_set, 512, 0, device), device=device)
+    return knn_classifier(train_f, train_y, test_f, test_y, k=20, T=0.07)[0]
+
+
+@torch.no_grad()
+def raw_pixel_knn(data_path: Optional[str] = None) -> float:
+    """Fashion-MNIST baseline: the same weighted 20-NN on raw pixels in [0, 1] (cosine)."""
+    from ..datasets import load_fashion_mnist
+    from ..eval.knn import knn_classifier
+
+    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(True, data_path), load_fashion_mnist(False, data_path)
+
+    def flat(x: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(x.flatten(1).float().div_(255), dim=1)
+
+    return knn_classifier(flat(train_x), train_y, flat(test_x), test_y, k=20, T=0.07)[0]
+
+
+def optional_extra(module: str, what: str) -> Any:
+    """``import module``, or None after one line saying what is skipped (an optional extra)."""
+    try:
+        return __import__(module)
+    except ImportError:
+        print(f"{what} skipped: {module} is not installed (pip install 'dino-pytorch[train]')", flush=True)
+        return None
+
+
+def output_dir(path: str) -> Path:
+    """``--output_dir``, created; a path that exists as a file is a user error."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {path!r} is a file, expected a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

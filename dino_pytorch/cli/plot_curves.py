@@ -1,0 +1,35 @@
+"""dino-plot-curves: draw a run's training curves (loss, k-NN) from its metrics.jsonl or log.txt.
+
+    dino-plot-curves runs/demo/metrics.jsonl runs/demo/curves.png
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from ._setup import UsageError, run_program
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    parser = argparse.ArgumentParser("dino-plot-curves", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log", help="metrics.jsonl or the official log.txt (one JSON object per line)")
+    parser.add_argument("out_png", help="the picture to write")
+    args = parser.parse_args(argv)
+    try:
+        from ..curves import plot_curves
+
+        print(f"wrote {plot_curves(args.log, args.out_png)}")
+    except ImportError as err:
+        raise UsageError(f"curves need matplotlib ({err}): pip install 'dino-pytorch[train]'") from None
+    except ValueError as err:
+        raise UsageError(f"{args.log}: {err}") from None
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_program("dino-plot-curves", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""What dino-train writes besides checkpoints: metrics.jsonl, the official log.txt, a progress bar,
+the final k-NN table and summary.json, curves and attention maps. Only rank 0 writes.
+
+tqdm and matplotlib are optional extras: without them each missing picture or bar costs one line of
+output, never the run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from ..model_config import is_vit
+from ._setup import eval_datasets, optional_extra
+
+
+class RunLog:
+    """metrics.jsonl (every record), log.txt (one official line per epoch), and the progress display."""
+
+    def __init__(self, out: Path, is_main: bool, total_steps: int, start_step: int, progress: bool) -> None:
+        self.out, self.is_main = out, is_main
+        self.bar = None
+        if is_main and progress and optional_extra("tqdm", "progress bar") is not None:
+            from tqdm import tqdm
+
+            # Redirected to a file, a bar redrawn 10 times a second floods the log: redraw every 30 s.
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="DINO",
+                            mininterval=interval, maxinterval=max(interval, 10.0))
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict[str, Any]) -> None:
+        """A training-step record: to metrics.jsonl, and to the bar (or stdout without one)."""
+        self.metrics(record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                 m=f"{record['momentum']:.4f}", t_temp=f"{record['teacher_temp']:.3f}",
+                                 H=f"{record['teacher_entropy']:.2f}")
+        elif self.is_main:
+            print(json.dumps(record), flush=True)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.out / "log.txt", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def fail(self, message: str) -> int:
+        """End the run on a non-finite value: one line on stderr; returns exit status 1."""
+        self.close()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
+
+
+def final_report(out: Path, arch: str, steps: int, top1: float, random_init: Optional[float],
+                 raw_pixels: Optional[float]) -> None:
+    """summary.json and the k-NN table: raw pixels / random init / after DINO."""
+    summary = {"knn_top1": top1, "knn_top1_random_init": random_init, "steps": steps}
+    if raw_pixels is not None:
+        summary["knn_top1_raw_pixels"] = raw_pixels
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    rows = [("raw pixels", raw_pixels), (f"{arch} at random init", random_init),
+            (f"{arch} after DINO ({steps} steps)", top1)]
+    shown = [(name, value) for name, value in rows if value is not None]
+    width = max(len(name) for name, _ in shown)
+    print("k-NN top-1 (k=20, T=0.07), train set -> test set:")
+    for name, value in shown:
+        print(f"  {name:<{width}}  {value:6.2f}%", flush=True)
+
+
+def write_pictures(out: Path, backbone: nn.Module, config: dict[str, Any], attention_maps: int,
+                   data_path: Optional[str] = None) -> None:
+    """curves.png from metrics.jsonl, and (ViT only) the attention maps of the first test images."""
+    if optional_extra("matplotlib", "curves.png and attention maps") is None:
+        return
+    from ..curves import plot_curves
+
+    if (out / "metrics.jsonl").exists():
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    if is_vit(config) and attention_maps > 0:
+        from ..attention import save_dataset_attention_maps
+
+        data = config["data"]
+        test_images = eval_datasets(data["dataset"], data_path, data["in_chans"], data["image_size"],
+                                    subset=attention_maps)[1]
+        save_dataset_attention_maps(backbone, test_images, out / "attention", attention_maps)
