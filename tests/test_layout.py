@@ -71,3 +71,31 @@ def test_training_program_is_dino_plus_a_loop():
     for name in ("main", "_main"):
         node = functions[name]
         assert node.end_lineno - node.lineno + 1 <= 150, f"{name} is {node.end_lineno - node.lineno + 1} lines"
+
+
+@pytest.mark.parametrize("module,name", [
+    ("dino_pytorch.backbones", "as_feature_extractor"),
+    ("dino_pytorch.visualize", "attention_maps"),
+    ("dino_pytorch.visualize", "plot_curves"),
+    ("dino_pytorch.eval.common", "eval_datasets"),
+    ("dino_pytorch.transforms", "MultiCropTransform"),
+    ("dino_pytorch.batched_transforms", "BatchedMultiCrop"),
+])
+def test_moved_modules_still_import_and_warn(module, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(module, None)
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        shim = importlib.import_module(module)
+    assert callable(getattr(shim, name))
+
+
+def test_the_package_imports_without_deprecation_warnings():
+    import subprocess
+    import sys
+
+    code = "import dino_pytorch, dino_pytorch.eval, dino_pytorch.models, dino_pytorch.checkpoint, dino_pytorch.cli.train"
+    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

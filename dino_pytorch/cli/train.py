@@ -281,7 +281,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     # ---- logging and the k-NN at random init ---------------------------------------------------------
     eval_path = None if args.dataset == "fashion_mnist" else args.data_path
-    run_log = RunLog(out, is_main, total_steps, dino.step, progress=not args.no_progress)
+    run_log = RunLog(out, is_main)
     subsets = [args.knn_train_subset, args.knn_test_subset]
     periodic_key = "knn_top1_subset" if any(subsets) else "knn_top1"
     random_init_knn = None
@@ -291,6 +291,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         random_init_knn = knn()
         print(f"k-NN top-1 at random init: {random_init_knn:.2f}%", flush=True)
         run_log.metrics({"step": 0, "knn_top1": random_init_knn, "random_init": True})
+    if not args.no_progress:
+        run_log.start_progress(total_steps, dino.step)
 
     # ---- training loop ---------------------------------------------------------------------------
     start_time, data_iter, stop_reason = time.time(), None, "finished"

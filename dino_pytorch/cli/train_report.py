@@ -20,10 +20,13 @@ from ._setup import eval_datasets, optional_extra
 class RunLog:
     """metrics.jsonl (every record), log.txt (one official line per epoch), and the progress display."""
 
-    def __init__(self, out: Path, is_main: bool, total_steps: int, start_step: int, progress: bool) -> None:
+    def __init__(self, out: Path, is_main: bool) -> None:
         self.out, self.is_main = out, is_main
-        self.bar = None
-        if is_main and progress and optional_extra("tqdm", "progress bar") is not None:
+        self.bar: Any = None
+
+    def start_progress(self, total_steps: int, start_step: int) -> None:
+        """A tqdm bar from here on (rank 0, when tqdm is installed); else records go to stdout."""
+        if self.is_main and optional_extra("tqdm", "progress bar") is not None:
             from tqdm import tqdm
 
             # Redirected to a file, a bar redrawn 10 times a second floods the log: redraw every 30 s.

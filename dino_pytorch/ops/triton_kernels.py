@@ -51,6 +51,20 @@ def _targets_tile(p_row, stride_pt, cols, mask, s, NUM_TEACHER: tl.constexpr, BL
 
 
 @triton.jit
+def _program_row(z_ptr, p_ptr, batch, num_views, stride_z, stride_pb):
+    """This program's student view s, image b, logits row and the row pointers of z and of P[:, b].
+
+    Programs are batch-major (all V views of image b are neighbours), so the T teacher rows of b
+    are read from HBM once and then hit L2 for the other views.
+    """
+    pid = tl.program_id(0)
+    b = pid // num_views
+    s = pid % num_views
+    row = s * batch + b
+    return s, row, z_ptr + row.to(tl.int64) * stride_z, p_ptr + b.to(tl.int64) * stride_pb
+
+
+@triton.jit
 def _cross_entropy_forward_kernel(
     z_ptr, p_ptr, ce_ptr, stats_ptr,
     batch, num_views, K,
@@ -59,14 +73,7 @@ def _cross_entropy_forward_kernel(
     NUM_TEACHER: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Programs are batch-major (all V views of image b are neighbours), so the T teacher rows of b
-    # are read from HBM once and then hit L2 for the other views.
-    pid = tl.program_id(0)
-    b = pid // num_views
-    s = pid % num_views
-    row = s * batch + b
-    z_row = z_ptr + row.to(tl.int64) * stride_z
-    p_row = p_ptr + b.to(tl.int64) * stride_pb
+    s, row, z_row, p_row = _program_row(z_ptr, p_ptr, batch, num_views, stride_z, stride_pb)
     offs = tl.arange(0, BLOCK_K)
     m = _scalar(_NEG_BIG, BLOCK_K)
     total = _scalar(0.0, BLOCK_K)  # sum exp(z - m)
@@ -100,13 +107,8 @@ def _cross_entropy_backward_kernel(
     NUM_TEACHER: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // num_views
-    s = pid % num_views
-    row = s * batch + b
-    z_row = z_ptr + row.to(tl.int64) * stride_z
+    s, row, z_row, p_row = _program_row(z_ptr, p_ptr, batch, num_views, stride_z, stride_pb)
     out_row = out_ptr + row.to(tl.int64) * stride_out
-    p_row = p_ptr + b.to(tl.int64) * stride_pb
     rows = batch * num_views
     row_max = tl.load(stats_ptr + row)
     log_total = tl.load(stats_ptr + rows + row)
@@ -225,13 +227,8 @@ def cross_entropy_forward(
     return ce, stats
 
 
-def cross_entropy_backward(
-    scale: Tensor,
-    student: Tensor,
-    teacher: Tensor,
-    stats: Tensor,
-    student_temp: float,
-    num_views: int,
+def cross_entropy_backward(  # the arguments of the PyTorch twin, fused_cross_entropy.torch_backward
+    scale: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, student_temp: float, num_views: int,
     block_k: Optional[int] = None,
 ) -> Tensor:
     """``(mass * softmax(z / tau) - Q) * scale`` per row, (V*B, K) in the student's dtype.
