@@ -110,6 +110,11 @@ def test_a_file_without_configuration_names_the_flags_to_pass(vit_run, tmp_path)
     # ... and the flags it names are enough.
     ok(program("eval_knn", "--pretrained_weights", legacy, "--dataset", "fashion_mnist", "--subset", "20",
                 "--nb_knn", "3", "--num_workers", "0", "--device", "cpu", *VIT))
+    # Attention maps of such a file: patch size, channels, image size, depth and width come from the
+    # weights; only the family (its head count) is the user's to say.
+    ok(program("visualize_attention", "--pretrained_weights", legacy, "--arch", "vit_tiny",
+               "--fashion_mnist_index", "1", "--output_dir", tmp_path / "maps"))
+    assert (tmp_path / "maps" / "attn-head2.png").exists()
 
 
 @pytest.mark.slow

@@ -205,8 +205,8 @@ def backbone_for_eval(args: argparse.Namespace, device: torch.device) -> tuple[n
         except CheckpointError as err:
             hint = "" if stored is not None else (
                 f"; {path} stores no model configuration (an official file, one written before dino-pytorch "
-                "0.2, or a custom backbone): pass --arch, --patch_size, --vit_depth, --vit_embed_dim or "
-                "--width as it was trained")
+                "0.2, or a custom backbone): pass --arch, --patch_size, --vit_depth, --vit_embed_dim, --width, "
+                "--pool, --in_chans or --img_size as it was trained")
             raise UsageError(f"--pretrained_weights {path}: {err}{hint}") from None
         print(f"Loaded {args.checkpoint_key!r} weights of {config['arch']} from {path}.", flush=True)
     else:

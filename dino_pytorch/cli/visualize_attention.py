@@ -65,7 +65,11 @@ def _vit_from_weights(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[nn
         raise UsageError(f"--patch_size {args.patch_size}: {path} has patch size {patch}; pass --patch_size {patch}")
     arch = args.arch or "vit_small"
     channels, size = int(proj.shape[1]), math.isqrt(pos.shape[1] - 1) * patch
-    model = create_model(arch, patch_size=patch, in_chans=channels, img_size=size)
+    # Depth and width are in the weights too (a ViT trained with non-default --vit_depth/--vit_embed_dim);
+    # the head count is not, so it stays the family's.
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    model = create_model(arch, patch_size=patch, in_chans=channels, img_size=size, depth=depth,
+                         embed_dim=int(proj.shape[0]))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
