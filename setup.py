@@ -14,19 +14,26 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    # What CI tests: Python 3.11 with torch 2.14.1 / torchvision 0.29.1 on the CPU (README, "Install options").
+    python_requires=">=3.11",
     packages=find_packages(include=["dino_pytorch", "dino_pytorch.*"]),
     package_data={"dino_pytorch": ["py.typed"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
         "einops>=0.7",
+        "numpy>=1.22",  # schedules, datasets
+        "Pillow>=9.1",  # augmentation (Image.Resampling)
     ],
     extras_require={
-        "dev": ["pytest>=7", "timm>=0.9", "tqdm>=4", "matplotlib>=3.5"],
+        "dev": ["pytest>=7", "timm>=0.9", "tqdm>=4", "matplotlib>=3.5", "lightning>=2.2", "tensorboard>=2.12"],
         "train": ["tqdm>=4", "matplotlib>=3.5"],
         "timm": ["timm>=0.9"],
+        "lightning": ["lightning>=2.2"],
+        "tensorboard": ["tensorboard>=2.12"],
         "bench": ["psutil>=5"],
+        # the documentation site (`make docs`): the versions it is built and tested with
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8", "mkdocstrings-python==2.0.11"],
     },
     entry_points={
         "console_scripts": [
@@ -38,8 +45,11 @@ setup(
         ]
     },
     classifiers=[
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
-        "License :: OSI Approved :: Apache Software License",
     ],
 )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, List, Tuple
+from typing import Callable
 
 import torch
 from torch.utils.data import default_collate
@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The repository root, so the script runs from a checkout without installing the package.
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine, median_time, table  # noqa: E402
-
 from dino_pytorch.augment import BatchedMultiCrop, MultiCropTransform  # noqa: E402
 from dino_pytorch.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 
@@ -79,7 +78,7 @@ def main() -> None:
         return lambda: default_collate([transform(image) for image in images])
 
     default_threads = torch.get_num_threads()
-    rows: List[Tuple[str, int, str, float]] = []  # (pipeline, threads, device, seconds per batch)
+    rows: list[tuple[str, int, str, float]] = []  # (pipeline, threads, device, seconds per batch)
     cpu_rows = [
         ("a", "(a) MultiCropTransform, PIL, per image", per_image(pil_images)),
         ("b", "(b) MultiCropTransform, uint8 tensor, per image", per_image(tensor_images)),

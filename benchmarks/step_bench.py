@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, peak_rss_mb, table  # noqa: E402
-
 from dino_pytorch import DINOHead, DINOLoss, EMATeacher, MultiCropWrapper  # noqa: E402
 from dino_pytorch.models import create_model  # noqa: E402
 from dino_pytorch.optim import cancel_gradients_, clip_gradients_, get_params_groups  # noqa: E402
@@ -86,7 +85,9 @@ def main() -> None:
     ncrops = 2 + args.local_crops
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(args.batch, 3, args.global_size, args.global_size, generator=g) for _ in range(2)]
-    views += [torch.randn(args.batch, 3, args.local_size, args.local_size, generator=g) for _ in range(args.local_crops)]
+    views += [
+        torch.randn(args.batch, 3, args.local_size, args.local_size, generator=g) for _ in range(args.local_crops)
+    ]
     views = [v.to(device) for v in views]
 
     # --- official style ------------------------------------------------------------------------
@@ -145,11 +146,16 @@ def main() -> None:
         times["official"].append(median_time(official_step, 1, warmup=1, device=device))
         times["ours"].append(median_time(our_step, 1, warmup=1, device=device))
     t_official, t_ours = (statistics.median(times[k]) for k in ("official", "ours"))
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB CUDA" if device.type == "cuda" else f"{peak_rss_mb():.0f} MB RSS"
-    print(f"{args.arch}/{args.patch_size}, B={args.batch}, 2x{args.global_size}px + {args.local_crops}x{args.local_size}px, "
+    if device.type == "cuda":
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB CUDA"
+    else:
+        mem = f"{peak_rss_mb():.0f} MB RSS"
+    print(f"{args.arch}/{args.patch_size}, B={args.batch}, "
+          f"2x{args.global_size}px + {args.local_crops}x{args.local_size}px, "
           f"K={args.out_dim}, {args.precision}; {machine()}; peak {mem}")
     print(table(["step", "s (median)", "speed-up vs official-style"],
-                [("official-style", f"{t_official:.3f}", "1.00x"), ("ours", f"{t_ours:.3f}", f"{t_official / t_ours:.2f}x")]))
+                [("official-style", f"{t_official:.3f}", "1.00x"),
+                 ("ours", f"{t_ours:.3f}", f"{t_official / t_ours:.2f}x")]))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """dino-pytorch: DINO self-supervised learning, composable and numerically official."""
 from ._version import __version__
-from .augment import BatchedMultiCrop, MultiCropRecipe
+from .augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
 from .dino import DINO
 from .head import DINOHead
 from .loss import DINOLoss
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
-from .augment import MultiCropTransform
 from .wrapper import MultiCropWrapper
 
 __all__ = [

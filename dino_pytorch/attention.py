@@ -5,8 +5,10 @@ its mass. Drawing needs matplotlib only (an optional extra; no cv2 / skimage).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from einops import repeat
@@ -14,16 +16,20 @@ from torch import Tensor, nn
 
 from .validate import check_positive_int
 
+if TYPE_CHECKING:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-def _matplotlib():
+
+def _matplotlib() -> tuple[ModuleType, type[Figure], type[FigureCanvasAgg]]:
     try:
         import matplotlib
     except ImportError as err:
         raise ImportError("dino_pytorch.attention draws with matplotlib: pip install matplotlib") from err
     # The object-oriented API with an Agg canvas: no pyplot, no global backend switch.
+    import matplotlib.image
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    import matplotlib.image
 
     return matplotlib, Figure, FigureCanvasAgg
 
@@ -46,11 +52,12 @@ def attention_maps(model: nn.Module, image: Tensor, patch_size: Optional[int] = 
     Returns: (heads, H // p, W // p) float tensor on the CPU; each head's map sums to at most 1
     (the rest of the CLS query's mass is on itself).
     """
-    if not callable(getattr(model, "get_last_selfattention", None)):
+    get_last_selfattention = getattr(model, "get_last_selfattention", None)
+    if not callable(get_last_selfattention):
         raise TypeError(f"model is a {type(model).__name__} without get_last_selfattention(x); expected a ViT")
     if patch_size is None:
         patch_size = getattr(model, "patch_size", None)
-    check_positive_int("patch_size", patch_size)
+    patch_size = check_positive_int("patch_size", patch_size)
     if getattr(model, "patch_size", patch_size) != patch_size:
         raise ValueError(f"patch_size={patch_size} but the model's patch_size is {model.patch_size}")
     if not isinstance(image, Tensor) or image.ndim != 3:
@@ -66,7 +73,7 @@ def attention_maps(model: nn.Module, image: Tensor, patch_size: Optional[int] = 
     model.eval()  # no dropout in the maps
     try:
         with torch.no_grad():
-            attn = model.get_last_selfattention(image.unsqueeze(0))  # (1, heads, N+1, N+1)
+            attn = get_last_selfattention(image.unsqueeze(0))  # (1, heads, N+1, N+1)
     finally:
         model.train(was_training)
     return attn[0, :, 0, 1:].reshape(attn.shape[1], rows, cols).float().cpu()

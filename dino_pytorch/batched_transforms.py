@@ -7,8 +7,11 @@ Import ``BatchedMultiCrop``, ``ViewParams``, ``multicrop_collate`` and ``stack_i
 import warnings
 
 from .augment.batched import BatchedMultiCrop, ViewParams, multicrop_collate, stack_images
-from .augment.per_image import MultiCropTransform
-from .augment.recipe import IMAGENET_MEAN, IMAGENET_STD
+
+# `X as X`: explicit re-exports of names that the old module also offered (not in __all__).
+from .augment.per_image import MultiCropTransform as MultiCropTransform
+from .augment.recipe import IMAGENET_MEAN as IMAGENET_MEAN
+from .augment.recipe import IMAGENET_STD as IMAGENET_STD
 
 __all__ = ["BatchedMultiCrop", "ViewParams", "multicrop_collate", "stack_images"]
 

@@ -19,8 +19,8 @@ import os
 import re
 import secrets
 import warnings
-from collections.abc import Mapping
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +83,7 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- load
 
-def _untrusted_global(err: BaseException) -> Optional[str]:
+def _untrusted_global(err: Optional[BaseException]) -> Optional[str]:
     """The class name weights_only refused ("argparse.Namespace"), or None for other failures."""
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
     return match.group(1) if match else None
@@ -156,8 +156,8 @@ def _unwrap(module: nn.Module) -> nn.Module:
     while True:
         if isinstance(module, (DistributedDataParallel, DataParallel, EMATeacher)):
             module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile
-            module = module._orig_mod
+        elif isinstance(orig_mod := getattr(module, "_orig_mod", None), nn.Module):  # torch.compile
+            module = orig_mod
         else:
             return module
 
@@ -205,10 +205,12 @@ def make_official_checkpoint(
     """A checkpoint dict in the official ``main_dino.py`` layout.
 
     Args:
-        student, teacher: the ``backbone`` + ``head`` wrappers (e.g. :class:`MultiCropWrapper`;
-            DDP / EMATeacher wrappers are unwrapped) or their state_dicts.
-        optimizer, dino_loss, fp16_scaler: objects with ``state_dict()`` (or state dicts);
-            ``fp16_scaler`` is stored only when given.
+        student: the ``backbone`` + ``head`` wrapper (e.g. :class:`MultiCropWrapper`; a DDP
+            wrapper is unwrapped) or its state_dict.
+        teacher: the same for the teacher (an :class:`EMATeacher` is unwrapped).
+        optimizer: an object with ``state_dict()``, or a state dict.
+        dino_loss: the :class:`DINOLoss` (its centre), or its state dict.
+        fp16_scaler: the GradScaler or its state dict; stored only when given.
         epoch: as official, the epoch to resume at (the finished epoch + 1).
         args: the run's configuration: a Namespace (stored as ``vars(args)``) or a dict. Values
             weights_only cannot load (paths, enums) are stored as strings.
@@ -360,12 +362,11 @@ def _check_fit(module: nn.Module, state: Mapping[str, Tensor], what: str, path: 
         for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k])
     ]
     if missing or unexpected or mismatched:
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-                problems.append(f"{label}: {keys[:8]}{more}")
-        raise CheckpointError(f"checkpoint {path!r} does not fit the {what} ({type(module).__name__}): " + "; ".join(problems))
+        problems = "; ".join(
+            f"{kind}: {keys[:8]}" + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+            for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys
+        )
+        raise CheckpointError(f"checkpoint {path!r} does not fit the {what} ({type(module).__name__}): {problems}")
 
 
 def load_into(

@@ -5,8 +5,9 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Union
 
 from .attention import _matplotlib
 
@@ -75,9 +76,9 @@ def plot_curves(log_path_or_records: Records, out_png: Union[str, os.PathLike]) 
         axes[i].grid(alpha=0.3)
         i += 1
     if knn:
-        for key, (xs, ys, x_key) in knn:
+        for key, (xs, ys, _) in knn:
             axes[i].plot(xs, ys, marker="o", ms=3, label=key)
-        axes[i].set(xlabel=x_key, ylabel="accuracy (%)", title="k-NN")
+        axes[i].set(xlabel=knn[-1][1][2], ylabel="accuracy (%)", title="k-NN")
         axes[i].grid(alpha=0.3)
         axes[i].legend()
     fig.tight_layout()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -68,14 +68,16 @@ class FashionMNIST(Dataset):
 
     classes = FASHION_MNIST_CLASSES
 
-    def __init__(self, train: bool = True, transform: Optional[Callable] = None, root: Optional[Union[str, Path]] = None) -> None:
+    def __init__(
+        self, train: bool = True, transform: Optional[Callable] = None, root: Optional[Union[str, Path]] = None
+    ) -> None:
         self.images, self.labels = load_fashion_mnist(train, root)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self.images[index]
         return (self.transform(image) if self.transform is not None else image), int(self.labels[index])
 
@@ -94,7 +96,7 @@ class SeededTransform(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: int):
+    def __getitem__(self, key: int) -> tuple[Any, Any]:
         n = len(self)
         epoch, index = divmod(int(key), n)
         image, label = self.dataset[index]

@@ -6,7 +6,8 @@ user's object, so the trained weights live there.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,8 @@ class TimmFeatures(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        model: Any = self.model  # a timm model (untyped): forward_features and forward_head
+        return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 class BypassClassifier(nn.Module):
@@ -103,7 +105,10 @@ def _traced_without(model: nn.Module, name: str) -> Optional[nn.Module]:
         return None
     graph = graph_module.graph
     target = next(
-        (n for n in graph.nodes if n.op == "call_module" and (n.target == name or str(n.target).startswith(name + "."))),
+        (
+            n for n in graph.nodes
+            if n.op == "call_module" and (n.target == name or str(n.target).startswith(name + "."))
+        ),
         None,
     )
     if target is None or not target.args:
@@ -160,7 +165,8 @@ def infer_feature_dim(features: nn.Module, input_size: Optional[Sequence[int]] =
             out = features(torch.zeros(2, *input_size, device=device, dtype=dtype))
     except Exception as err:
         raise ValueError(
-            f"could not infer the backbone's feature width from a dummy input of shape (2, {', '.join(map(str, input_size))}): "
+            "could not infer the backbone's feature width from a dummy input of shape "
+            f"(2, {', '.join(map(str, input_size))}): "
             f"{type(err).__name__}: {err}. Pass embed_dim= (and/or input_size=)"
         ) from err
     finally:

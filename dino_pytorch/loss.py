@@ -1,7 +1,8 @@
 """DINOLoss: centring (or Sinkhorn-Knopp), sharpening and the multi-view cross-entropy."""
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -134,7 +135,9 @@ class DINOLoss(nn.Module):
         return self.teacher_temp
 
     # -- input handling ------------------------------------------------------------------------
-    def _split(self, name: str, output: Views, num_views: Optional[int] = None, batch: Optional[int] = None) -> list[Tensor]:
+    def _split(
+        self, name: str, output: Views, num_views: Optional[int] = None, batch: Optional[int] = None
+    ) -> list[Tensor]:
         """Per-view (B, K) tensors of ``output``; a concatenated tensor is cut by view count or by B."""
         if isinstance(output, Tensor):
             if output.ndim != 2:
@@ -173,7 +176,9 @@ class DINOLoss(nn.Module):
         if num_teacher_views is not None:
             num_teacher_views = check_positive_int("num_teacher_views", num_teacher_views)
             concatenated = isinstance(teacher_output, Tensor)
-            teacher = self._split("teacher_output", teacher_output, num_views=num_teacher_views if concatenated else None)
+            teacher = self._split(
+                "teacher_output", teacher_output, num_views=num_teacher_views if concatenated else None
+            )
             if len(teacher) != num_teacher_views:
                 raise ValueError(
                     f"teacher_output has {len(teacher)} views, expected num_teacher_views={num_teacher_views}"
@@ -283,7 +288,10 @@ class DINOLoss(nn.Module):
                 without ``ncrops``) two concatenated inputs are read as the official T = 2.
         """
         student, teacher = self._views(student_output, teacher_output, num_teacher_views)
-        temp = self.teacher_temp_at(epoch) if teacher_temp is None else check_positive_float("teacher_temp", teacher_temp)
+        if teacher_temp is None:
+            temp = self.teacher_temp_at(epoch)
+        else:
+            temp = check_positive_float("teacher_temp", teacher_temp)
         concatenated = teacher_output if isinstance(teacher_output, Tensor) else None
         probs = self._teacher_prob_stack(teacher, temp, concatenated)  # centre from before this step
         # The concatenated (V*B, K) logits go in as they are: the fused loss saves that very tensor

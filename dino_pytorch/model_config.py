@@ -17,7 +17,8 @@ refused rather than half-read.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from torch import nn
 

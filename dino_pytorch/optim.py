@@ -1,12 +1,16 @@
 """Optimizer pieces of the official recipe, without host syncs or per-step name scans."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .validate import check_choice
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 
 def get_params_groups(model: nn.Module) -> list[dict]:
@@ -59,7 +63,7 @@ class LARS(torch.optim.Optimizer):
     ``mu = momentum * mu + dp``; ``p -= lr * mu``. 1-D params get neither decay nor adaptation.
     """
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+    def __init__(self, params: ParamsT, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  eta: float = 0.001) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 

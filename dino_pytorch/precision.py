@@ -7,7 +7,7 @@ official ``--use_fp16``. The loss itself always computes in float32 (:mod:`dino_
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -16,7 +16,7 @@ from .validate import check_choice
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def autocast(precision: str, device: Union[str, torch.device]) -> ContextManager[object]:
+def autocast(precision: str, device: Union[str, torch.device]) -> contextlib.AbstractContextManager[object]:
     """The autocast context for ``precision`` on ``device``'s type (a no-op for ``"fp32"``)."""
     check_choice("precision", precision, PRECISIONS)
     if precision == "fp32":

@@ -1,7 +1,7 @@
 """A sampler whose order is a pure function of (seed, epoch): resumable mid-epoch, rank-sharded."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

@@ -113,7 +113,7 @@ class DINOSchedules:
         weight_decay_end: float = 0.4,
         momentum_teacher: float = 0.996,
         final_momentum: float = 1.0,
-    ) -> "DINOSchedules":
+    ) -> DINOSchedules:
         """The official schedules over ``total_steps`` optimizer steps.
 
         Args:
@@ -121,8 +121,10 @@ class DINOSchedules:
                 by the total batch size / 256).
             min_lr: where the cosine ends.
             warmup_steps: linear warm-up from 0 (clamped to ``total_steps``).
-            weight_decay, weight_decay_end: cosine from one to the other, no warm-up.
-            momentum_teacher, final_momentum: the EMA momentum's cosine, no warm-up.
+            weight_decay: where the weight-decay cosine starts (no warm-up).
+            weight_decay_end: where the weight-decay cosine ends.
+            momentum_teacher: where the EMA momentum's cosine starts (no warm-up).
+            final_momentum: where the EMA momentum's cosine ends.
         """
         total_steps = check_positive_int("total_steps", total_steps)
         warmup_steps = min(check_int("warmup_steps", warmup_steps, 0), total_steps)
@@ -146,4 +148,8 @@ class DINOSchedules:
         i = min(check_int("step", step, 0), self.total_steps - 1)
         # Plain floats: numpy scalars would leak into optimizer state dicts, which
         # torch.load(weights_only=True) then refuses.
-        return {"lr": float(self.lr[i]), "weight_decay": float(self.weight_decay[i]), "momentum": float(self.momentum[i])}
+        return {
+            "lr": float(self.lr[i]),
+            "weight_decay": float(self.weight_decay[i]),
+            "momentum": float(self.momentum[i]),
+        }

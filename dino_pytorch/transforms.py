@@ -6,9 +6,15 @@ re-exports them.
 """
 import warnings
 
-from .augment.functional import ImageLike
+# `X as X`: explicit re-exports (kept out of __all__, which names only MultiCropTransform).
+from .augment.functional import ImageLike as ImageLike
 from .augment.per_image import MultiCropTransform
-from .augment.recipe import IMAGENET_MEAN, IMAGENET_STD, JitterLike, MultiCropRecipe, ProbsLike, SizeLike
+from .augment.recipe import IMAGENET_MEAN as IMAGENET_MEAN
+from .augment.recipe import IMAGENET_STD as IMAGENET_STD
+from .augment.recipe import JitterLike as JitterLike
+from .augment.recipe import MultiCropRecipe as MultiCropRecipe
+from .augment.recipe import ProbsLike as ProbsLike
+from .augment.recipe import SizeLike as SizeLike
 
 __all__ = ["MultiCropTransform"]
 

@@ -9,7 +9,8 @@ normalised (ints as ``int``, numbers as ``float``) so callers store what the che
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Optional, Sequence, TypeVar
+from collections.abc import Collection, Sequence
+from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
 

@@ -1,7 +1,8 @@
 """MultiCropWrapper: one backbone forward per resolution, one head forward for all views."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor, nn

@@ -1,10 +1,8 @@
+import matplotlib.image  # noqa: E402  (matplotlib: the [dev]/[train] extras)
 import pytest
 import torch
 import torch.nn.functional as F
 
-import matplotlib.image  # noqa: E402  (matplotlib: the [dev]/[train] extras)
-
-from dino_pytorch.models import vit_tiny  # noqa: E402
 from dino_pytorch.attention import (  # noqa: E402
     attention_maps,
     save_attention_pngs,
@@ -12,6 +10,7 @@ from dino_pytorch.attention import (  # noqa: E402
     threshold_masks,
     upsample,
 )
+from dino_pytorch.models import vit_tiny  # noqa: E402
 
 
 def tiny_vit(in_chans=3):

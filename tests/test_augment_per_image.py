@@ -485,7 +485,9 @@ BAD_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,exc,needle", BAD_ARGS, ids=[next(iter(k)) + str(i) for i, (k, _, _) in enumerate(BAD_ARGS)])
+@pytest.mark.parametrize(
+    "kwargs,exc,needle", BAD_ARGS, ids=[next(iter(k)) + str(i) for i, (k, _, _) in enumerate(BAD_ARGS)]
+)
 def test_bad_arguments_raise(kwargs, exc, needle):
     with pytest.raises(exc) as info:
         MultiCropTransform(**kwargs)

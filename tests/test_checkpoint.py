@@ -228,7 +228,8 @@ def test_make_official_checkpoint_layout(tmp_path):
     # DDP-wrapped or state-dict inputs give the same keys.
     # (a copy: DataParallel moves its module to the GPU when there is one)
     wrapped = torch.nn.DataParallel(copy.deepcopy(student))
-    assert list(make_official_checkpoint(wrapped, teacher.module.state_dict(), {}, 0, loss)["student"]) == list(ckpt["student"])
+    official = make_official_checkpoint(wrapped, teacher.module.state_dict(), {}, 0, loss)
+    assert list(official["student"]) == list(ckpt["student"])
     assert list(ckpt["dino_loss"]) == ["center"]
     assert ckpt["args"] == {"arch": "vit_tiny", "lr": 5e-4, "output_dir": "/tmp/run", "crops": (0.4, 1.0)}
     assert "fp16_scaler" not in make_official_checkpoint(student, teacher, optimizer, 0, loss)
@@ -255,7 +256,8 @@ def test_round_trip_into_vit_and_head(tmp_path, key):
     student, teacher = student_and_teacher()
     loss = DINOLoss(32)
     path = tmp_path / "checkpoint.pth"
-    save_checkpoint(path, make_official_checkpoint(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1), 1, loss))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    save_checkpoint(path, make_official_checkpoint(student, teacher, optimizer, 1, loss))
     source = teacher.module if key == "teacher" else student
     torch.manual_seed(123)
     backbone, head = tiny_vit(), tiny_head()
@@ -322,7 +324,8 @@ def test_load_into_reports_mismatches_and_loads_nothing(tmp_path):
     assert str(path) in str(info.value)
     assert all(torch.equal(before[k], v) for k, v in deeper.state_dict().items())
     wider = vit_tiny(patch_size=8, img_size=32, in_chans=1, embed_dim=24, depth=2)
-    with pytest.raises(CheckpointError, match=r"shape mismatch: \['pos_embed: file \(1, 5, 24\) vs model \(1, 17, 24\)"):
+    match = r"shape mismatch: \['pos_embed: file \(1, 5, 24\) vs model \(1, 17, 24\)"
+    with pytest.raises(CheckpointError, match=match):
         load_into(wider, None, path)
     with pytest.raises(CheckpointError, match="checkpoint_key='ema'.*'student', 'teacher'"):
         load_official_weights(path, checkpoint_key="ema")

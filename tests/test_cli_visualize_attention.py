@@ -23,7 +23,8 @@ def test_cli_random_init_on_an_image(tmp_path, png):
                      "--output_dir", str(out), "--device", "cpu"])
     assert code == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["img.png"] + [f"attn-head{j}.png" for j in range(3)] + [f"mask_th0.6_head{j}.png" for j in range(3)])
+    expected = ["img.png"] + [f"attn-head{j}.png" for j in range(3)] + [f"mask_th0.6_head{j}.png" for j in range(3)]
+    assert files == sorted(expected)
     assert all((out / f).stat().st_size > 0 for f in files)
     assert matplotlib.image.imread(out / "attn-head0.png").shape[:2] == (32, 48)
 
@@ -36,9 +37,11 @@ def test_cli_with_pretrained_one_channel_weights(tmp_path, png, capsys):
     out = tmp_path / "maps"
     main(["--arch", "vit_tiny", "--patch_size", "8", "--pretrained_weights", str(weights), "--image_path", str(png),
           "--image_size", "24", "24", "--threshold", "-1", "--output_dir", str(out), "--device", "cpu"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(["img.png", "attn-head0.png", "attn-head1.png", "attn-head2.png"])
+    expected = ["img.png", "attn-head0.png", "attn-head1.png", "attn-head2.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--arch", "vit_tiny", "--patch_size", "16", "--pretrained_weights", str(weights), "--image_path", str(png)])
+        main(["--arch", "vit_tiny", "--patch_size", "16", "--pretrained_weights", str(weights),
+              "--image_path", str(png)])
     assert exit_info.value.code == 2 and "--patch_size 8" in capsys.readouterr().err
 
 

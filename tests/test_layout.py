@@ -95,7 +95,10 @@ def test_the_package_imports_without_deprecation_warnings():
     import subprocess
     import sys
 
-    code = "import dino_pytorch, dino_pytorch.eval, dino_pytorch.models, dino_pytorch.checkpoint, dino_pytorch.cli.train"
+    code = (
+        "import dino_pytorch, dino_pytorch.eval, dino_pytorch.models, dino_pytorch.checkpoint, "
+        "dino_pytorch.cli.train"
+    )
     result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

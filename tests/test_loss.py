@@ -197,10 +197,16 @@ def test_half_precision_inputs_keep_float32_center_and_loss():
     [
         (lambda: [torch.randn(2, K), torch.randn(3, K)], lambda: [torch.randn(2, K)], {}, ValueError, "batch size"),
         (lambda: [torch.randn(2, K)], lambda: [torch.randn(2, K)], {}, ValueError, "at least 2"),
-        (lambda: [torch.randn(2, K)] * 2, lambda: [torch.randn(2, K)] * 3, {}, ValueError, "teacher_output has 3 views"),
+        (
+            lambda: [torch.randn(2, K)] * 2, lambda: [torch.randn(2, K)] * 3, {}, ValueError,
+            "teacher_output has 3 views",
+        ),
         (lambda: torch.randn(8, K + 1), lambda: torch.randn(4, K + 1), {}, ValueError, "out_dim=257"),
         (lambda: torch.zeros(8, K, dtype=torch.long), lambda: torch.zeros(4, K), {}, TypeError, "floating"),
-        (lambda: torch.randn(8, K), lambda: torch.randn(4, K), {"teacher_temp": float("nan")}, ValueError, "teacher_temp=nan"),
+        (
+            lambda: torch.randn(8, K), lambda: torch.randn(4, K), {"teacher_temp": float("nan")}, ValueError,
+            "teacher_temp=nan",
+        ),
         (lambda: torch.randn(8, K), lambda: torch.randn(4, K), {"teacher_temp": 0.0}, ValueError, "teacher_temp=0.0"),
         (lambda: torch.randn(7, K), lambda: torch.randn(4, K), {}, ValueError, "rows"),
         (lambda: "nope", lambda: torch.randn(4, K), {}, TypeError, "student_output is a str"),

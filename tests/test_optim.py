@@ -6,7 +6,14 @@ from torch import nn
 
 from dino_pytorch import DINOHead
 from dino_pytorch.diagnostics import collapse_metrics
-from dino_pytorch.optim import LARS, build_optimizer, cancel_gradients_, clip_gradients_, get_params_groups, set_schedules
+from dino_pytorch.optim import (
+    LARS,
+    build_optimizer,
+    cancel_gradients_,
+    clip_gradients_,
+    get_params_groups,
+    set_schedules,
+)
 
 
 def official_clip(model, clip):
@@ -57,7 +64,8 @@ def test_params_groups_follow_official_rules():
     assert "last_layer.parametrizations.weight.original0" in {names[id(p)] for p in decayed["params"]}  # official quirk
     assert plain["weight_decay"] == 0.0
     frozen = DINOHead(8, 16, hidden_dim=8, bottleneck_dim=4)
-    assert sum(len(g["params"]) for g in get_params_groups(frozen)) == len([p for p in frozen.parameters() if p.requires_grad])
+    trainable = [p for p in frozen.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in get_params_groups(frozen)) == len(trainable)
 
 
 def test_set_schedules_decays_group_zero_only():

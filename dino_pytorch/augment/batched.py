@@ -20,12 +20,14 @@ device or its RNG, and row selection never needs a device synchronisation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
+from torchvision.transforms import InterpolationMode
 
 from ..validate import check_int, is_int
 from . import functional as AF
@@ -78,7 +80,7 @@ class ViewParams:
 # random draws (CPU)
 
 
-def _uniform(shape: Tuple[int, ...], low: float, high: float, generator: Optional[torch.Generator]) -> Tensor:
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: Optional[torch.Generator]) -> Tensor:
     # float64 like the per-image draws, so probability comparisons are as fine-grained.
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
     return low + (high - low) * u
@@ -93,7 +95,7 @@ def _bernoulli(batch: int, p: float, generator: Optional[torch.Generator], *, in
 
 
 def _sample_boxes(
-    sizes: Tensor, scale: Tuple[float, float], ratio: Tuple[float, float], generator: Optional[torch.Generator]
+    sizes: Tensor, scale: tuple[float, float], ratio: tuple[float, float], generator: Optional[torch.Generator]
 ) -> Tensor:
     """RandomResizedCrop boxes, vectorised over the batch: ``sizes (B, 2)`` int64 ``(H, W)`` ->
     ``(B, 4)`` int64 ``(top, left, height, width)``.
@@ -173,17 +175,18 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     def __init__(self, *args: Any, recipe: Optional[MultiCropRecipe] = None, **kwargs: Any) -> None:
         super().__init__()
         self.recipe = MultiCropRecipe.resolve(type(self).__name__, args, kwargs, recipe)
-        if self.recipe.interpolation not in _SUPPORTED_INTERPOLATION:
+        interpolation = cast(InterpolationMode, self.recipe.interpolation)  # normalised by the recipe
+        if interpolation not in _SUPPORTED_INTERPOLATION:
             names = ", ".join(repr(m.value) for m in _SUPPORTED_INTERPOLATION)
             raise ValueError(
-                f"interpolation={self.recipe.interpolation.value!r}, expected one of {names} in BatchedMultiCrop "
+                f"interpolation={interpolation.value!r}, expected one of {names} in BatchedMultiCrop "
                 "(the others exist for PIL inputs of MultiCropTransform only)"
             )
 
     __init__.__signature__ = augmenter_signature()  # type: ignore[attr-defined]
 
     @classmethod
-    def from_transform(cls, transform: MultiCropTransform) -> "BatchedMultiCrop":
+    def from_transform(cls, transform: MultiCropTransform) -> BatchedMultiCrop:
         """A batched module that shares the recipe of a per-image ``MultiCropTransform``."""
         if not isinstance(transform, MultiCropTransform):
             raise TypeError(f"transform: expected a MultiCropTransform, got {type(transform).__name__}")
@@ -192,8 +195,8 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     # -----------------------------------------------------------------------------------------
     # parameters
 
-    def sample_params(self, batch_size: int, image_size: Union[Tuple[int, int], Tensor], *,
-                      generator: Optional[torch.Generator] = None) -> List[ViewParams]:
+    def sample_params(self, batch_size: int, image_size: Union[tuple[int, int], Tensor], *,
+                      generator: Optional[torch.Generator] = None) -> list[ViewParams]:
         """Draw the random parameters of every view for a batch, on the CPU.
 
         Args:
@@ -211,7 +214,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     def _sample_view(self, sizes: Tensor, spec: ViewSpec, generator: Optional[torch.Generator]) -> ViewParams:
         r = self.recipe
         batch = sizes.shape[0]
-        boxes = _sample_boxes(sizes, spec.scale, r.ratio, generator)
+        boxes = _sample_boxes(sizes, spec.scale, cast("tuple[float, float]", r.ratio), generator)
         flip = _bernoulli(batch, r.flip_prob, generator)
         jitter = _bernoulli(batch, r.color_jitter_prob, generator)
         factors = torch.empty(batch, 4, dtype=torch.float64)
@@ -223,7 +226,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         order = torch.rand(batch, 4, generator=generator).argsort(dim=1)
         grayscale = _bernoulli(batch, r.grayscale_prob, generator) & (r.channels == 3)
         blur = _bernoulli(batch, spec.blur_prob, generator, inclusive=True)
-        sigma = _uniform((batch,), *r.blur_sigma, generator)
+        sigma = _uniform((batch,), *cast("tuple[float, float]", r.blur_sigma), generator)
         solarize = _bernoulli(batch, spec.solarize_prob, generator)
         return ViewParams(boxes, flip, jitter, factors, order, grayscale, blur, sigma, solarize)
 
@@ -232,7 +235,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
 
     def forward(self, images: Tensor, *, image_sizes: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None,
-                return_params: bool = False) -> Union[List[Tensor], Tuple[List[Tensor], List[ViewParams]]]:
+                return_params: bool = False) -> Union[list[Tensor], tuple[list[Tensor], list[ViewParams]]]:
         """Augment a batch: ``(B, C, H, W) -> [(B, C_out, gh, gw)] * G + [(B, C_out, lh, lw)] * N``.
 
         Args:
@@ -244,7 +247,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         """
         _check_images(images)
         batch, height, width = images.shape[0], images.shape[2], images.shape[3]
-        sizes: Union[Tuple[int, int], Tensor] = (height, width)
+        sizes: Union[tuple[int, int], Tensor] = (height, width)
         if image_sizes is not None:
             sizes = _check_sizes(image_sizes, batch)
             if (sizes[:, 0] > height).any() or (sizes[:, 1] > width).any():
@@ -256,7 +259,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         return (views, params) if return_params else views
 
     @torch.no_grad()
-    def apply_params(self, images: Tensor, params: Sequence[ViewParams]) -> List[Tensor]:
+    def apply_params(self, images: Tensor, params: Sequence[ViewParams]) -> list[Tensor]:
         """Augment ``images (B, C, H, W)`` with given parameters (one :class:`ViewParams` per view, in
         view order); returns the views as :meth:`forward` does.  ``forward`` is :meth:`sample_params`
         followed by this."""
@@ -274,11 +277,11 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
                 raise ValueError(
                     f"params[{i}].boxes: every box must be non-empty and lie inside the {height}x{width} images"
                 )
-        x = AF.to_unit_float(AF.match_channels(images.as_subclass(Tensor), self.channels))
+        x = AF.to_unit_float(AF.match_channels(images.as_subclass(Tensor), self.recipe.channels))
         return [self._view(x, p, spec.size, spec.solarize_prob > 0.0)
                 for p, spec in zip(params, self.recipe.view_specs)]
 
-    def _view(self, x: Tensor, p: ViewParams, size: Tuple[int, int], may_solarize: bool) -> Tensor:
+    def _view(self, x: Tensor, p: ViewParams, size: tuple[int, int], may_solarize: bool) -> Tensor:
         r = self.recipe
         view = AF.resized_crop(x, p.boxes, p.flip, size, r.interpolation)
         view = self._color_jitter(view, p)
@@ -296,8 +299,9 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
                 if bounds is None or (op in (_SATURATION, _HUE) and x.shape[1] == 1):
                     continue
                 mask = p.jitter & (p.order[:, step] == op)
+                # apply_rows calls the lambda before the loop moves on, so late binding of `op` is harmless.
                 x = AF.apply_rows(
-                    x, mask, lambda v, rows: AF.JITTER_OPS[op](v, AF.to_device(p.factors[rows, op], v.device, v.dtype))
+                    x, mask, lambda v, rows: AF.JITTER_OPS[op](v, AF.to_device(p.factors[rows, op], v.device, v.dtype))  # noqa: B023
                 )
         return x
 
@@ -318,7 +322,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         images = [AF.to_uint8_tensor(sample[0] if with_rest else sample, i) for i, sample in enumerate(batch)]
         if len({im.shape[0] for im in images}) > 1:
             # Mixed grey and colour images: give each the output's channel count before stacking.
-            images = [AF.match_channels(im.unsqueeze(0), self.channels)[0] for im in images]
+            images = [AF.match_channels(im.unsqueeze(0), self.recipe.channels)[0] for im in images]
         stacked, sizes = stack_images(images)
         uniform = bool((sizes == sizes[0]).all())
         views = self(stacked, image_sizes=None if uniform else sizes)
@@ -352,7 +356,7 @@ def _check_images(images: Any) -> None:
         raise ValueError(f"images: empty batch of shape {tuple(images.shape)}")
 
 
-def _check_sizes(image_size: Union[Tuple[int, int], Tensor], batch_size: int) -> Tensor:
+def _check_sizes(image_size: Union[tuple[int, int], Tensor], batch_size: int) -> Tensor:
     """``(B, 2)`` int64 CPU sizes from a shared ``(H, W)`` or a per-image tensor."""
     if isinstance(image_size, Tensor):
         if image_size.shape != (batch_size, 2) or image_size.is_floating_point() or image_size.is_complex():

@@ -14,7 +14,8 @@ kernel here needs a device synchronisation.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ def grayscale(x: Tensor) -> Tensor:
 
 
 def resized_crop_image(
-    image: ImageLike, top: int, left: int, crop_h: int, crop_w: int, size: Tuple[int, int],
+    image: ImageLike, top: int, left: int, crop_h: int, crop_w: int, size: tuple[int, int],
     interpolation: InterpolationMode,
 ) -> ImageLike:
     """Crop the box ``(top, left, crop_h, crop_w)`` of one image and resize it to ``size``, antialiased."""
@@ -172,7 +173,7 @@ def resample_matrix(
 
 
 def resized_crop(
-    x: Tensor, boxes: Tensor, flip: Tensor, size: Tuple[int, int], interpolation: InterpolationMode
+    x: Tensor, boxes: Tensor, flip: Tensor, size: tuple[int, int], interpolation: InterpolationMode
 ) -> Tensor:
     """Crop, resize and flip every image with its own box: ``(B, C, H, W) -> (B, C, h, w)``.
 
@@ -241,7 +242,7 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
 
 
 # Indexed by op id, torchvision's ColorJitter numbering: 0 brightness, 1 contrast, 2 saturation, 3 hue.
-JITTER_OPS: Tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
+JITTER_OPS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
@@ -354,7 +355,7 @@ def to_uint8_tensor(image: Any, index: int) -> Tensor:
     return image.as_subclass(Tensor)
 
 
-def stack_images(images: Sequence[Union[Tensor, Image.Image]]) -> Tuple[Tensor, Tensor]:
+def stack_images(images: Sequence[Union[Tensor, Image.Image]]) -> tuple[Tensor, Tensor]:
     """Stack images of possibly different sizes into one zero-padded uint8 batch.
 
     Args:

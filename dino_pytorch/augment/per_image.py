@@ -25,12 +25,12 @@ local ones of shape ``(B, C, *local_crop_size)``.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, cast
 
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from . import functional as AF
@@ -98,7 +98,7 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
 
     __init__.__signature__ = augmenter_signature()  # type: ignore[attr-defined]
 
-    def sample_crop_params(self, height: int, width: int, *, local: bool = False) -> Tuple[int, int, int, int]:
+    def sample_crop_params(self, height: int, width: int, *, local: bool = False) -> tuple[int, int, int, int]:
         """Draw one crop box ``(top, left, crop_height, crop_width)`` for an image of this size.
 
         Uses the global (or, with ``local=True``, the local) crop scale and ``ratio``.  The scheme is
@@ -128,7 +128,7 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
             crop_w, crop_h = width, height
         return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
-    def forward(self, image: ImageLike) -> List[torch.Tensor]:
+    def forward(self, image: ImageLike) -> list[torch.Tensor]:
         """Return ``[global_1, ..., global_G, local_1, ..., local_N]`` for one image.
 
         Args:
@@ -195,12 +195,13 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
 
     def extra_repr(self) -> str:
         r = self.recipe
+        interpolation = cast(InterpolationMode, r.interpolation)  # normalised by the recipe
         lines = [
             f"global_crops_number={r.global_crops_number}, global_crop_size={r.global_crop_size}, "
             f"global_crops_scale={r.global_crops_scale},",
             f"local_crops_number={r.local_crops_number}, local_crop_size={r.local_crop_size}, "
             f"local_crops_scale={r.local_crops_scale},",
-            f"ratio=({r.ratio[0]:.4g}, {r.ratio[1]:.4g}), interpolation={r.interpolation.value},",
+            f"ratio=({r.ratio[0]:.4g}, {r.ratio[1]:.4g}), interpolation={interpolation.value},",
             f"flip_prob={r.flip_prob}, color_jitter_prob={r.color_jitter_prob} "
             f"(brightness={r.brightness}, contrast={r.contrast}, saturation={r.saturation}, "
             f"hue={r.hue}), grayscale_prob={r.grayscale_prob},",

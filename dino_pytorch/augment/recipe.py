@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, fields
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple, Optional, Union, cast
 
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -33,7 +34,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MultiCropRecipe", "ViewSpec", "Reci
 
 SizeLike = Union[int, Sequence[int]]
 ProbsLike = Union[float, Sequence[float]]
-JitterLike = Union[float, Tuple[float, float]]
+JitterLike = Union[float, tuple[float, float]]
 InterpolationLike = Union[InterpolationMode, str, int]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,10 +48,10 @@ CROP_ATTEMPTS = 10
 class ViewSpec(NamedTuple):
     """What the recipe asks of one output view (see :attr:`MultiCropRecipe.view_specs`)."""
 
-    size: Tuple[int, int]
+    size: tuple[int, int]
     """Output ``(height, width)``."""
     local: bool
-    scale: Tuple[float, float]
+    scale: tuple[float, float]
     """Crop area fraction range."""
     blur_prob: float
     solarize_prob: float
@@ -60,7 +61,7 @@ class ViewSpec(NamedTuple):
 # checks specific to multi-crop; the general ones come from dino_pytorch.validate
 
 
-def _check_scale(name: str, value: Any) -> Tuple[float, float]:
+def _check_scale(name: str, value: Any) -> tuple[float, float]:
     lo, hi = check_number_pair(name, value)
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(
@@ -70,14 +71,14 @@ def _check_scale(name: str, value: Any) -> Tuple[float, float]:
     return lo, hi
 
 
-def _check_positive_range(name: str, value: Any, what: str) -> Tuple[float, float]:
+def _check_positive_range(name: str, value: Any, what: str) -> tuple[float, float]:
     lo, hi = check_number_pair(name, value)
     if not 0.0 < lo <= hi:
         raise ValueError(f"{name}={value!r}, expected {what} range 0 < low <= high")
     return lo, hi
 
 
-def _check_size(name: str, value: Any) -> Tuple[int, int]:
+def _check_size(name: str, value: Any) -> tuple[int, int]:
     pair = (value, value) if is_int(value) else value
     expected = "an int or a (height, width) pair of ints"
     if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2 or not all(map(is_int, pair)):
@@ -87,7 +88,7 @@ def _check_size(name: str, value: Any) -> Tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _check_probs(name: str, value: Any) -> Tuple[float, ...]:
+def _check_probs(name: str, value: Any) -> tuple[float, ...]:
     """One probability per global view (cycled), or a single one for all of them."""
     if is_number(value):
         return (check_probability(name, value, error=TypeError),)
@@ -96,7 +97,7 @@ def _check_probs(name: str, value: Any) -> Tuple[float, ...]:
     return tuple(check_probability(f"{name}[{i}]", p, error=TypeError) for i, p in enumerate(value))
 
 
-def _check_strength(name: str, value: Any, center: float, bound: Tuple[float, float]) -> JitterLike:
+def _check_strength(name: str, value: Any, center: float, bound: tuple[float, float]) -> JitterLike:
     """A jitter strength as ColorJitter takes it: ``s`` meaning ``[center - s, center + s]``
     (clipped to ``bound``), or an explicit ``(low, high)`` range inside ``bound``."""
     lo_b, hi_b = bound
@@ -115,7 +116,7 @@ def _check_strength(name: str, value: Any, center: float, bound: Tuple[float, fl
     raise TypeError(f"{name}={value!r}, expected a non-negative number or a (low, high) pair of numbers")
 
 
-def _check_stats(mean: Any, std: Any) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+def _check_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     for name, value in (("mean", mean), ("std", std)):
         if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(is_number, value)):
             raise TypeError(f"{name}={value!r}, expected a sequence of 1 or 3 numbers")
@@ -146,7 +147,7 @@ def _check_interpolation(value: Any) -> InterpolationMode:
     )
 
 
-def _jitter_range(value: JitterLike, center: float, clip_low: bool) -> Optional[Tuple[float, float]]:
+def _jitter_range(value: JitterLike, center: float, clip_low: bool) -> Optional[tuple[float, float]]:
     # torchvision's ColorJitter._check_input, so both augmenters draw factors from the same range.
     if isinstance(value, tuple):
         low, high = value
@@ -179,12 +180,16 @@ class MultiCropRecipe:
         local_crops_scale: the same for the local crops.
         local_crops_number: ``N >= 0``.
         global_crops_number: ``G >= 1``.
-        global_crop_size, local_crop_size: output size, an int or ``(height, width)``.
+        global_crop_size: output size of the global views, an int or ``(height, width)``.
+        local_crop_size: output size of the local views, an int or ``(height, width)``.
         ratio: aspect-ratio range ``(low, high)`` of the crops, ``0 < low <= high``.
         interpolation: an ``InterpolationMode``, its name, or a PIL resampling constant.
         flip_prob: horizontal flip probability.
-        brightness, contrast, saturation, hue: ColorJitter strengths (a number ``s`` or a ``(low, high)``
-            range; 0 turns the component off).
+        brightness: ColorJitter strength (a number ``s`` or a ``(low, high)`` range; 0 turns the
+            component off).
+        contrast: ColorJitter strength, like ``brightness``.
+        saturation: ColorJitter strength, like ``brightness``.
+        hue: ColorJitter strength, like ``brightness``.
         color_jitter_prob: probability of applying the colour jitter.
         grayscale_prob: probability of the grey conversion (RGB output only).
         global_blur_probs: blur probability of each global view, cycled when ``G`` exceeds its length.
@@ -193,7 +198,8 @@ class MultiCropRecipe:
         global_solarize_probs: solarize probability of each global view, cycled like the blur ones.
         local_solarize_prob: solarize probability of every local view (0 in the official recipe).
         solarize_threshold: uint8 pixel values ``>= solarize_threshold`` are inverted.
-        mean, std: per-channel normalisation statistics, both of length 1 or both of length 3.
+        mean: per-channel normalisation mean, of length 1 or 3 (the same length as ``std``).
+        std: per-channel normalisation standard deviation, of the same length as ``mean``.
 
     Raises:
         TypeError, ValueError: on a bad argument; the message names the argument, the value given and
@@ -226,7 +232,7 @@ class MultiCropRecipe:
     std: Sequence[float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        checked: Dict[str, Any] = {
+        checked: dict[str, Any] = {
             "global_crops_scale": _check_scale("global_crops_scale", self.global_crops_scale),
             "local_crops_scale": _check_scale("local_crops_scale", self.local_crops_scale),
             "local_crops_number": check_int("local_crops_number", self.local_crops_number, 0, error=TypeError),
@@ -268,28 +274,35 @@ class MultiCropRecipe:
         """``C``, the output channel count: ``len(mean)`` (1 grey, 3 RGB)."""
         return len(self.mean)
 
+    # The fields are typed as the constructor accepts them; the casts below name the normalised
+    # form that __post_init__ stores (tuples, (height, width) pairs, an InterpolationMode).
+
     def global_blur_prob(self, index: int) -> float:
         """Blur probability of global view ``index`` (0-based), after cycling."""
-        return self.global_blur_probs[index % len(self.global_blur_probs)]
+        probs = cast("tuple[float, ...]", self.global_blur_probs)
+        return probs[index % len(probs)]
 
     def global_solarize_prob(self, index: int) -> float:
         """Solarize probability of global view ``index`` (0-based), after cycling."""
-        return self.global_solarize_probs[index % len(self.global_solarize_probs)]
+        probs = cast("tuple[float, ...]", self.global_solarize_probs)
+        return probs[index % len(probs)]
 
     @property
-    def view_specs(self) -> List[ViewSpec]:
+    def view_specs(self) -> list[ViewSpec]:
         """One :class:`ViewSpec` per output view, in output order (globals first)."""
+        global_size = cast("tuple[int, int]", self.global_crop_size)
+        global_scale = cast("tuple[float, float]", self.global_crops_scale)
         specs = [
-            ViewSpec(self.global_crop_size, False, self.global_crops_scale,
-                     self.global_blur_prob(i), self.global_solarize_prob(i))
+            ViewSpec(global_size, False, global_scale, self.global_blur_prob(i), self.global_solarize_prob(i))
             for i in range(self.global_crops_number)
         ]
-        local = ViewSpec(self.local_crop_size, True, self.local_crops_scale, self.local_blur_prob,
+        local = ViewSpec(cast("tuple[int, int]", self.local_crop_size), True,
+                         cast("tuple[float, float]", self.local_crops_scale), self.local_blur_prob,
                          self.local_solarize_prob)
         return specs + [local] * self.local_crops_number
 
     @property
-    def jitter_ranges(self) -> Tuple[Optional[Tuple[float, float]], ...]:
+    def jitter_ranges(self) -> tuple[Optional[tuple[float, float]], ...]:
         """Factor ranges of (brightness, contrast, saturation, hue), None for a disabled component.
 
         Brightness, contrast and saturation factors are clipped at 0; a hue shift lies in [-0.5, 0.5].
@@ -301,18 +314,18 @@ class MultiCropRecipe:
             _jitter_range(self.hue, 0.0, clip_low=False),
         )
 
-    def settings(self) -> Dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         """Every field by name, interpolation as its name; ``MultiCropRecipe(**settings())`` is equal."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["interpolation"] = self.interpolation.value
+        values["interpolation"] = cast(InterpolationMode, self.interpolation).value
         return values
 
     def __repr__(self) -> str:
         return f"MultiCropRecipe({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
 
     @classmethod
-    def resolve(cls, owner: str, args: Tuple[Any, ...], kwargs: Dict[str, Any],
-                recipe: Optional["MultiCropRecipe"]) -> "MultiCropRecipe":
+    def resolve(cls, owner: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                recipe: Optional[MultiCropRecipe]) -> MultiCropRecipe:
         """The recipe an augmenter's ``__init__(*args, recipe=None, **kwargs)`` asks for: ``recipe``
         itself, or one built from the arguments; giving both is an error."""
         if recipe is None:

@@ -9,8 +9,9 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +73,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """The flags of the evaluation programs: what to evaluate, on which data, where."""
     add_model_args(parser, training=False)
     parser.add_argument("--pretrained_weights", default="", help="checkpoint to evaluate (empty: random init)")
-    parser.add_argument("--checkpoint_key", default="teacher", help='entry of a full checkpoint ("teacher" or "student")')
+    parser.add_argument("--checkpoint_key", default="teacher",
+                        help='entry of a full checkpoint ("teacher" or "student")')
     parser.add_argument("--trusted_checkpoint", type=bool_flag, nargs="?", const=True, default=False,
                         help="allow unpickling (weights_only=False), needed by official full training checkpoints "
                              "(they hold an argparse Namespace); only for files you trust")
@@ -306,12 +308,12 @@ def raw_pixel_knn(data_path: Optional[str] = None) -> float:
     return knn_classifier(flat(train_x), train_y, flat(test_x), test_y, k=20, T=0.07)[0]
 
 
-def optional_extra(module: str, what: str) -> Any:
-    """``import module``, or None after one line saying what is skipped (an optional extra)."""
+def optional_extra(module: str, what: str, extra: str = "train") -> Any:
+    """``import module``, or None after one line saying what is skipped and which extra installs it."""
     try:
         return __import__(module)
     except ImportError:
-        print(f"{what} skipped: {module} is not installed (pip install 'dino-pytorch[train]')", flush=True)
+        print(f"{what} skipped: {module} is not installed (pip install 'dino-pytorch[{extra}]')", flush=True)
         return None
 
 

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..eval.knn import extract_features, knn_eval, load_features, save_features
 from ._setup import add_eval_args, eval_setup, make_loader, resolve_device, run_program

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from ..eval.linear import num_labels, train_linear_probe
 from ._setup import add_eval_args, bool_flag, eval_setup, make_loader, output_dir, run_program
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_last_blocks", type=int, default=4,
                         help="concatenate the CLS tokens of the last n blocks (official: 4 for ViT-S, 1 for ViT-B)")
     parser.add_argument("--avgpool_patchtokens", type=bool_flag, default=False,
-                        help="append the average of the last block's patch tokens (official: False for ViT-S, True for ViT-B)")
+                        help="append the average of the last block's patch tokens "
+                        "(official: False for ViT-S, True for ViT-B)")
     parser.add_argument("--official_interleave", type=bool_flag, default=False,
                         help="interleave CLS and average as the official script (n_last_blocks=1 only)")
     parser.add_argument("--epochs", type=int, default=100, help="training epochs")
@@ -35,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """The program from Python: returns the probe's results (see :func:`train_linear_probe`); user errors exit 2 with one line."""
+    """The program from Python: returns the probe's results (see :func:`train_linear_probe`).
+
+    User errors exit 2 with one line.
+    """
     return run_program("dino-eval-linear", _main, argv)
 
 

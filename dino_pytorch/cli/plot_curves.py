@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ._setup import UsageError, run_program
 

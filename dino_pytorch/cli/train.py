@@ -11,16 +11,17 @@ checkpoint records the model configuration, so the evaluation programs need no a
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import distributed
@@ -29,8 +30,21 @@ from ..dino import DINO
 from ..optim import build_optimizer
 from ..precision import PRECISIONS, autocast, grad_scaler
 from ..schedules import DINOSchedules
-from ._setup import (UsageError, add_model_args, backbone_from_flags, bool_flag, config_from_flags, eval_datasets,
-                     first, image_channels, knn_top1, output_dir, raw_pixel_knn, resolve_device, run_program)
+from ._setup import (
+    UsageError,
+    add_model_args,
+    backbone_from_flags,
+    bool_flag,
+    config_from_flags,
+    eval_datasets,
+    first,
+    image_channels,
+    knn_top1,
+    output_dir,
+    raw_pixel_knn,
+    resolve_device,
+    run_program,
+)
 from .train_report import RunLog, final_report, write_pictures
 
 
@@ -80,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_accum_steps", default=1, type=int)
     p.add_argument("--max_steps", default=None, type=int,
                    help="total optimizer steps; the schedules then span exactly these steps")
-    p.add_argument("--warmup_steps", default=None, type=int, help="linear lr warm-up in steps (overrides --warmup_epochs)")
+    p.add_argument("--warmup_steps", default=None, type=int,
+                   help="linear lr warm-up in steps (overrides --warmup_epochs)")
     p.add_argument("--time_budget_min", default=None, type=float, help="stop (and checkpoint) after this long")
     p.add_argument("--knn_every", default=0, type=int, help="k-NN evaluation every N steps (0: only at the end)")
     p.add_argument("--knn_train_subset", default=None, type=int, help="periodic k-NN on the first N train images")
@@ -97,6 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bottleneck_dim", default=256, type=int)
     p.add_argument("--attention_maps", default=4, type=int, help="ViT only: attention PNGs of N test images at the end")
     p.add_argument("--no_progress", action="store_true", help="plain log lines instead of a tqdm bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write metrics.jsonl's scalars, curves.png and the attention maps to "
+                        "output_dir/tensorboard (needs the tensorboard extra)")
     return p
 
 
@@ -135,7 +153,9 @@ def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def build_data(args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], rank: int, world_size: int):
+def build_data(
+    args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], rank: int, world_size: int
+) -> tuple[DataLoader, Any, Optional[nn.Module]]:
     """(loader, sampler, on-device augmenter or None) of the training set; one recipe either way."""
     from ..augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
     from ..datasets import FashionMNIST, SeededTransform
@@ -281,7 +301,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     # ---- logging and the k-NN at random init ---------------------------------------------------------
     eval_path = None if args.dataset == "fashion_mnist" else args.data_path
-    run_log = RunLog(out, is_main)
+    run_log = RunLog(out, is_main, tensorboard=args.tensorboard)
     subsets = [args.knn_train_subset, args.knn_test_subset]
     periodic_key = "knn_top1_subset" if any(subsets) else "knn_top1"
     random_init_knn = None
@@ -331,7 +351,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
         end_of_epoch = step % steps_per_epoch == 0
         timed_out = args.time_budget_min is not None and time.time() - start_time > 60 * args.time_budget_min
-        if end_of_epoch or step == total_steps or timed_out or (args.save_every_steps and step % args.save_every_steps == 0):
+        periodic = bool(args.save_every_steps) and step % args.save_every_steps == 0
+        if end_of_epoch or step == total_steps or timed_out or periodic:
             epoch_mean = (epoch_loss_sum / max(epoch_loss_count, 1)).item()  # mean of per-step losses
             weights_finite = torch.stack([torch.isfinite(q).all() for q in dino.student.parameters()]).all().item()
             if not (math.isfinite(epoch_mean) and weights_finite):
@@ -359,7 +380,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             run_log.metrics({"step": dino.step, "knn_top1": top1, "final": True})
             raw = raw_pixel_knn() if args.dataset == "fashion_mnist" else None
             final_report(out, args.arch, dino.step, top1, random_init_knn, raw)
-        write_pictures(out, dino.teacher_backbone, config, args.attention_maps, eval_path)
+        write_pictures(out, dino.teacher_backbone, config, args.attention_maps, eval_path, run_log)
     if distributed.is_distributed():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,12 +1,14 @@
 """What dino-train writes besides checkpoints: metrics.jsonl, the official log.txt, a progress bar,
-the final k-NN table and summary.json, curves and attention maps. Only rank 0 writes.
+the final k-NN table and summary.json, curves and attention maps, and (``--tensorboard``) the same
+scalars and pictures as TensorBoard events. Only rank 0 writes.
 
-tqdm and matplotlib are optional extras: without them each missing picture or bar costs one line of
-output, never the run.
+tqdm, matplotlib and tensorboard are optional extras: without them each missing picture, bar or
+event file costs one line of output, never the run.
 """
 from __future__ import annotations
 
 import json
+import numbers
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -16,13 +18,22 @@ from torch import nn
 from ..model_config import is_vit
 from ._setup import eval_datasets, optional_extra
 
+TENSORBOARD_DIR = "tensorboard"
+
 
 class RunLog:
-    """metrics.jsonl (every record), log.txt (one official line per epoch), and the progress display."""
+    """metrics.jsonl (every record), log.txt (one official line per epoch), the progress display,
+    and with ``tensorboard`` the records' numbers as TensorBoard scalars in ``out/tensorboard``."""
 
-    def __init__(self, out: Path, is_main: bool) -> None:
+    def __init__(self, out: Path, is_main: bool, tensorboard: bool = False) -> None:
         self.out, self.is_main = out, is_main
         self.bar: Any = None
+        self.writer: Any = None
+        self.last_step = 0
+        if tensorboard and is_main and optional_extra("tensorboard", "TensorBoard logging", extra="tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR))
 
     def start_progress(self, total_steps: int, start_step: int) -> None:
         """A tqdm bar from here on (rank 0, when tqdm is installed); else records go to stdout."""
@@ -35,9 +46,16 @@ class RunLog:
                             mininterval=interval, maxinterval=max(interval, 10.0))
 
     def metrics(self, record: dict[str, Any]) -> None:
+        """One record to metrics.jsonl and, with TensorBoard, each of its numbers at x = its step."""
         if self.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            self.last_step = step = int(record.get("step", self.last_step))
+            for key, value in record.items():
+                # Flags (random_init, final) are bools, which are Integral too: they are not curves.
+                if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, step)
 
     def step(self, record: dict[str, Any]) -> None:
         """A training-step record: to metrics.jsonl, and to the bar (or stdout without one)."""
@@ -59,13 +77,34 @@ class RunLog:
             self.bar.update(1)
 
     def close(self) -> None:
+        """End of the training loop: the bar goes; TensorBoard is flushed but stays open for the
+        final k-NN record and the pictures (:meth:`finish`)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.writer is not None:
+            self.writer.flush()
+
+    def finish(self, pictures: list[Path]) -> None:
+        """Add ``pictures`` (PNG files; those missing are skipped) to TensorBoard at the last step, and close it."""
+        if self.writer is None:
+            return
+        import numpy as np
+        from PIL import Image  # a torchvision dependency
+
+        for path in pictures:
+            if path.exists():
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                tag = path.relative_to(self.out).with_suffix("").as_posix()
+                self.writer.add_image(tag, pixels, self.last_step, dataformats="HWC")
+        self.writer.close()
+        self.writer = None
 
     def fail(self, message: str) -> int:
         """End the run on a non-finite value: one line on stderr; returns exit status 1."""
         self.close()
+        self.finish([])
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
 
@@ -87,8 +126,18 @@ def final_report(out: Path, arch: str, steps: int, top1: float, random_init: Opt
 
 
 def write_pictures(out: Path, backbone: nn.Module, config: dict[str, Any], attention_maps: int,
-                   data_path: Optional[str] = None) -> None:
-    """curves.png from metrics.jsonl, and (ViT only) the attention maps of the first test images."""
+                   data_path: Optional[str] = None, run_log: Optional[RunLog] = None) -> None:
+    """curves.png from metrics.jsonl, and (ViT only) the attention maps of the first test images;
+    then :meth:`RunLog.finish` puts them in TensorBoard (when it is on) and closes it."""
+    try:
+        _draw_pictures(out, backbone, config, attention_maps, data_path)
+    finally:
+        if run_log is not None:
+            run_log.finish([out / "curves.png", *sorted((out / "attention").rglob("*.png"))])
+
+
+def _draw_pictures(out: Path, backbone: nn.Module, config: dict[str, Any], attention_maps: int,
+                   data_path: Optional[str]) -> None:
     if optional_extra("matplotlib", "curves.png and attention maps") is None:
         return
     from ..curves import plot_curves

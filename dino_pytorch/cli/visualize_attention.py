@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn

@@ -12,7 +12,8 @@ any number of test images (the official one divides the test set into 100 chunks
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,9 @@ def knn_eval(
     ks = list(ks)
     if not ks:
         raise ValueError("ks is empty, expected at least one number of neighbours")
-    num_classes = _check_inputs(train_features, train_labels, test_features, test_labels, ks, T, num_classes, chunk_size)
+    num_classes = _check_inputs(
+        train_features, train_labels, test_features, test_labels, ks, T, num_classes, chunk_size
+    )
     device = train_features.device
     train_labels = train_labels.to(device=device, dtype=torch.int64)
     test_labels = test_labels.to(device=device, dtype=torch.int64)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,8 @@ def vit_linear_features(
     Models without ``get_intermediate_layers`` (ResNets, ...) return ``model(x)``: (B, D).
     """
     n_last_blocks = check_positive_int("n_last_blocks", n_last_blocks)
-    if not hasattr(model, "get_intermediate_layers"):
+    get_intermediate_layers = getattr(model, "get_intermediate_layers", None)
+    if get_intermediate_layers is None:
         return backbone_tensor(model(x), "model")
     if official_interleave and not avgpool_patchtokens:
         raise ValueError("official_interleave=True needs avgpool_patchtokens=True: it only changes how "
@@ -74,7 +75,7 @@ def vit_linear_features(
         raise ValueError(f"official_interleave=True with n_last_blocks={n_last_blocks}: the official layout "
                          "only exists for n_last_blocks=1 (the official script crashes otherwise); use the "
                          "default concatenated layout")
-    outputs = model.get_intermediate_layers(x, n_last_blocks)
+    outputs = get_intermediate_layers(x, n_last_blocks)
     if len(outputs) != n_last_blocks:
         raise ValueError(f"get_intermediate_layers(x, {n_last_blocks}) returned {len(outputs)} token maps, "
                          f"expected {n_last_blocks}")
@@ -94,7 +95,7 @@ def _topk_hits(logits: Tensor, targets: Tensor) -> tuple[int, int]:
     return int(hits[:, 0].sum()), int(hits.sum())
 
 
-def _batches(loader: Iterable, device: torch.device):
+def _batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     for batch in loader:
         yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
@@ -162,8 +163,9 @@ def train_linear_probe(
 
     Args:
         backbone: frozen (eval mode, no_grad) feature extractor; see :func:`vit_linear_features`.
-        train_loader / val_loader: yield ``(images, labels)``; the official train loader augments
-            (RandomResizedCrop + flip), the val loader does not.
+        train_loader: yields ``(images, labels)``; the official train loader augments
+            (RandomResizedCrop + flip).
+        val_loader: yields ``(images, labels)``, without augmentation.
         num_labels: number of classes.
         lr: base learning rate, scaled by ``batch_size_for_lr / 256``; ``batch_size_for_lr``
             defaults to ``train_loader.batch_size`` times the world size (the official total batch).
@@ -199,23 +201,23 @@ def train_linear_probe(
             val_cache = _precompute(features, val_loader, device)
             cache_batch = getattr(train_loader, "batch_size", None) or batch_size_for_lr
 
-            def train_batches():
+            def train_batches() -> Iterator[tuple[Tensor, Tensor]]:
                 order = torch.randperm(train_cache[1].shape[0], device=device)
                 for i in range(0, order.shape[0], cache_batch):
                     idx = order[i: i + cache_batch]
                     yield train_cache[0][idx], train_cache[1][idx]
 
-            def val_batches():
+            def val_batches() -> Iterator[tuple[Tensor, Tensor]]:
                 for i in range(0, val_cache[1].shape[0], 4096):
                     yield val_cache[0][i: i + 4096], val_cache[1][i: i + 4096]
 
         else:
 
-            def train_batches():
+            def train_batches() -> Iterator[tuple[Tensor, Tensor]]:
                 for images, targets in _batches(train_loader, device):
                     yield features(images), targets.long()
 
-            def val_batches():
+            def val_batches() -> Iterator[tuple[Tensor, Tensor]]:
                 for images, targets in _batches(val_loader, device):
                     yield features(images), targets.long()
 

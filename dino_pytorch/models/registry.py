@@ -50,7 +50,9 @@ def _torchvision_model(name: str, **kwargs: Any) -> nn.Module:
 
 def _timm_model(name: str, **kwargs: Any) -> nn.Module:
     if not name:
-        raise ValueError(f"model name {TIMM_PREFIX!r} has no timm model after the prefix, expected e.g. 'timm:resnet50'")
+        raise ValueError(
+            f"model name {TIMM_PREFIX!r} has no timm model after the prefix, expected e.g. 'timm:resnet50'"
+        )
     try:
         import timm
     except ImportError as err:

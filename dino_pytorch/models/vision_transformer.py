@@ -9,8 +9,9 @@ attention runs through ``F.scaled_dot_product_attention`` unless its weights are
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        attn: Union[Tensor, None] = None  # set (and returned) only with return_attention
         if return_attention:
             attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
             out = attn @ v
@@ -98,7 +100,7 @@ class Attention(nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
-        return (out, attn) if return_attention else out
+        return (out, attn) if attn is not None else out
 
 
 class Block(nn.Module):
@@ -177,10 +179,17 @@ class VisionTransformer(nn.Module):
     Args:
         img_size: side of the square training resolution; sets the stored position table
             (``(img_size // patch_size)**2 + 1`` rows). Other sizes are interpolated.
-        patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale: as usual;
-            ``qk_scale`` defaults to ``head_dim ** -0.5``.
+        patch_size: side of the square patches.
+        in_chans: input channels.
+        embed_dim: token width D.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: hidden width of each block's MLP, as a multiple of ``embed_dim``.
+        qkv_bias: a bias in the query/key/value projection.
+        qk_scale: attention logit scale; defaults to ``head_dim ** -0.5``.
         num_classes: 0 gives ``head = Identity`` (DINO backbones); > 0 a Linear classifier.
-        drop_rate, attn_drop_rate: dropout on tokens / attention probabilities.
+        drop_rate: dropout on tokens.
+        attn_drop_rate: dropout on attention probabilities.
         drop_path_rate: stochastic depth of the last block; block i gets ``i / (depth-1)`` of it.
         norm_layer: ``norm_layer(dim)`` builds each LayerNorm. The class default is
             ``nn.LayerNorm`` (eps 1e-5) as official; :func:`vit_small` & co. use eps 1e-6.
@@ -273,7 +282,9 @@ class VisionTransformer(nn.Module):
         h0 = h // self.patch_size + 0.1
         grid = F.interpolate(grid, scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
         if grid.shape[-2:] != (int(w0), int(h0)):
-            raise RuntimeError(f"position interpolation gave a {tuple(grid.shape[-2:])} grid, expected {(int(w0), int(h0))}")
+            raise RuntimeError(
+                f"position interpolation gave a {tuple(grid.shape[-2:])} grid, expected {(int(w0), int(h0))}"
+            )
         return torch.cat((class_pos, rearrange(grid, "1 d gh gw -> 1 (gh gw) d")), dim=1)
 
     def _check_input(self, x: Tensor) -> None:

@@ -1,5 +1,4 @@
 """CUDA paths against their CPU twins (tests/cuda runs only where CUDA is available)."""
-import torch
 
 from test_augment_batched import SMALL, BatchedMultiCrop, images, seeded
 from test_knn import clustered, knn_eval
