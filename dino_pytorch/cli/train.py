@@ -21,124 +21,28 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader
 
 from .. import distributed
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..dino import DINO
 from ..optim import build_optimizer
-from ..precision import PRECISIONS, autocast, grad_scaler
+from ..precision import autocast, grad_scaler
 from ..schedules import DINOSchedules
 from ._setup import (
     UsageError,
-    add_model_args,
     backbone_from_flags,
-    bool_flag,
     config_from_flags,
     eval_datasets,
     first,
-    image_channels,
     knn_top1,
     output_dir,
     raw_pixel_knn,
     resolve_device,
     run_program,
 )
+from .train_data import build_data, make_views
+from .train_flags import get_args_parser, resolve_defaults
 from .train_report import RunLog, final_report, write_pictures
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("dino-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # --- official flags, official defaults ---
-    add_model_args(p, training=True)
-    p.add_argument("--out_dim", default=65536, type=int)
-    p.add_argument("--norm_last_layer", default=True, type=bool_flag)
-    p.add_argument("--momentum_teacher", default=0.996, type=float)
-    p.add_argument("--use_bn_in_head", default=False, type=bool_flag)
-    p.add_argument("--warmup_teacher_temp", default=0.04, type=float)
-    p.add_argument("--teacher_temp", default=0.04, type=float)
-    p.add_argument("--warmup_teacher_temp_epochs", default=0, type=int)
-    p.add_argument("--use_fp16", default=True, type=bool_flag,
-                   help="fp16 autocast + GradScaler on CUDA (ignored on CPU unless --precision says so)")
-    p.add_argument("--weight_decay", default=0.04, type=float)
-    p.add_argument("--weight_decay_end", default=0.4, type=float)
-    p.add_argument("--clip_grad", default=3.0, type=float)
-    p.add_argument("--batch_size_per_gpu", default=64, type=int)
-    p.add_argument("--epochs", default=100, type=int)
-    p.add_argument("--freeze_last_layer", default=1, type=int)
-    p.add_argument("--lr", default=0.0005, type=float)
-    p.add_argument("--warmup_epochs", default=10, type=int)
-    p.add_argument("--min_lr", default=1e-6, type=float)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"])
-    p.add_argument("--drop_path_rate", default=0.1, type=float)
-    p.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.0))
-    p.add_argument("--local_crops_number", type=int, default=8)
-    p.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4))
-    p.add_argument("--data_path", default="/path/to/imagenet/train/", type=str)
-    p.add_argument("--output_dir", default=".", type=str)
-    p.add_argument("--saveckp_freq", default=20, type=int)
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--dist_url", default="env://", type=str)
-    p.add_argument("--local_rank", default=0, type=int, help="ignored (torchrun sets LOCAL_RANK)")
-    # --- ours ---
-    p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion_mnist"])
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="default: fp16 when --use_fp16 and on CUDA, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
-    p.add_argument("--channels_last", action="store_true",
-                   help="NHWC conv weights and views (oneDNN's faster CPU kernels); measured on the "
-                        "Fashion-MNIST ConvNet: 0.45 -> 0.37 s per step, 0.30 s with --precision bf16")
-    p.add_argument("--grad_accum_steps", default=1, type=int)
-    p.add_argument("--max_steps", default=None, type=int,
-                   help="total optimizer steps; the schedules then span exactly these steps")
-    p.add_argument("--warmup_steps", default=None, type=int,
-                   help="linear lr warm-up in steps (overrides --warmup_epochs)")
-    p.add_argument("--time_budget_min", default=None, type=float, help="stop (and checkpoint) after this long")
-    p.add_argument("--knn_every", default=0, type=int, help="k-NN evaluation every N steps (0: only at the end)")
-    p.add_argument("--knn_train_subset", default=None, type=int, help="periodic k-NN on the first N train images")
-    p.add_argument("--knn_test_subset", default=None, type=int, help="periodic k-NN on the first N test images")
-    p.add_argument("--no_final_knn", action="store_true")
-    p.add_argument("--log_every", default=10, type=int)
-    p.add_argument("--save_every_steps", default=0, type=int, help="also checkpoint every N steps")
-    p.add_argument("--augment", default=None, choices=["per_image", "batched"],
-                   help="per_image: MultiCropTransform in the workers (official); batched: BatchedMultiCrop "
-                        "on the device. Default: batched for fashion_mnist, per_image otherwise")
-    p.add_argument("--global_crop_size", default=None, type=int, help="default 224 (28 for fashion_mnist)")
-    p.add_argument("--local_crop_size", default=None, type=int, help="default 96 (16 for fashion_mnist)")
-    p.add_argument("--hidden_dim", default=2048, type=int)
-    p.add_argument("--bottleneck_dim", default=256, type=int)
-    p.add_argument("--attention_maps", default=4, type=int, help="ViT only: attention PNGs of N test images at the end")
-    p.add_argument("--no_progress", action="store_true", help="plain log lines instead of a tqdm bar")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also write metrics.jsonl's scalars, curves.png and the attention maps to "
-                        "output_dir/tensorboard (needs the tensorboard extra)")
-    return p
-
-
-def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
-    """Dataset-dependent defaults, and the checks argparse cannot express, in the user's names."""
-    small = args.dataset == "fashion_mnist"
-    args.global_crop_size = args.global_crop_size or (28 if small else 224)
-    args.local_crop_size = args.local_crop_size or (16 if small else 96)
-    args.augment = args.augment or ("batched" if small else "per_image")
-    if args.precision is None:
-        args.precision = "fp16" if args.use_fp16 and device.type == "cuda" else "fp32"
-    for name in ("global_crops_scale", "local_crops_scale"):
-        value = tuple(getattr(args, name))
-        if len(value) != 2:
-            raise UsageError(f"--{name} {' '.join(map(str, value))}: expected two numbers (min max)")
-        setattr(args, name, value)
-    for name in ("grad_accum_steps", "batch_size_per_gpu", "epochs", "log_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} {getattr(args, name)}: expected a positive int")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max_steps {args.max_steps}: expected a positive number of steps")
-    if args.augment == "batched" and not small:
-        raise UsageError("--augment batched needs equal-size uint8 images: use it with --dataset fashion_mnist")
-    args.in_chans = image_channels(args.dataset, args.arch)
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -151,35 +55,6 @@ def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=args.dist_url,
                                 rank=rank, world_size=world_size)
     return rank, world_size, device
-
-
-def build_data(
-    args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], rank: int, world_size: int
-) -> tuple[DataLoader, Any, Optional[nn.Module]]:
-    """(loader, sampler, on-device augmenter or None) of the training set; one recipe either way."""
-    from ..augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
-    from ..datasets import FashionMNIST, SeededTransform
-    from ..sampler import ResumableSampler
-
-    recipe = MultiCropRecipe(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                             global_crop_size=args.global_crop_size, local_crop_size=args.local_crop_size,
-                             mean=tuple(mean), std=tuple(std))
-    if args.dataset == "fashion_mnist":
-        base = FashionMNIST(train=True)
-    else:
-        from torchvision.datasets import ImageFolder
-
-        if not os.path.isdir(args.data_path):
-            raise UsageError(f"--data_path {args.data_path!r}: not a directory of image folders")
-        base = ImageFolder(args.data_path)
-    on_device = BatchedMultiCrop(recipe=recipe) if args.augment == "batched" else None
-    dataset = SeededTransform(base, MultiCropTransform(recipe=recipe) if on_device is None else (lambda x: x),
-                              seed=args.seed)
-    sampler = ResumableSampler(len(dataset), args.batch_size_per_gpu, seed=args.seed, rank=rank, world_size=world_size)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=args.num_workers > 0)
-    return loader, sampler, on_device
 
 
 def schedule_lengths(args: argparse.Namespace, steps_per_epoch: int) -> tuple[int, int, int]:
@@ -203,20 +78,6 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-
-
-def make_views(images: Any, augment_on_device: Any, args: argparse.Namespace, step: int, micro: int, rank: int,
-               device: torch.device) -> list[torch.Tensor]:
-    """The multi-crop views of one micro-batch on ``device``: made there (batched augmenter, seeded by
-    step), or moved there (per-image augmenter in the workers)."""
-    if augment_on_device is not None:
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + micro * 131 + rank)
-        views = augment_on_device(images.to(device, non_blocking=True), generator=generator)
-    else:
-        views = [im.to(device, non_blocking=True) for im in images]
-    if args.channels_last:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    return views
 
 
 def optimizer_step(dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, clip_grad: float,
