@@ -1,6 +1,7 @@
 """DINOLoss: centring (or Sinkhorn-Knopp), sharpening and the multi-view cross-entropy."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal, Optional, Union
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .nonfinite import NonFiniteError, NonFiniteFlags
 from .ops import centered_teacher_softmax, multiview_cross_entropy, sinkhorn_knopp, teacher_column_sum
 from .schedules import teacher_temp_schedule
 from .validate import (
@@ -52,6 +54,11 @@ class DINOLoss(nn.Module):
             ``"manual"``: forwards only accumulate the teacher statistics and :meth:`update_center`
             applies them once, e.g. once per optimizer step under gradient accumulation, where
             4 micro-batches of B then give the same centre as one batch of 4B.
+        on_nonfinite: what a non-finite loss does besides being flagged (``self.nonfinite``, see
+            :mod:`dino_pytorch.nonfinite`) and leaving the centre unchanged: ``"warn"`` (a
+            RuntimeWarning at once on the CPU; on CUDA the caller reads the flags where it syncs
+            anyway) or ``"raise"`` (:class:`~dino_pytorch.nonfinite.NonFiniteError` at once; on
+            CUDA this reads the flag every forward, one host sync).
 
     Shapes:
         student_output: (V*B, K) crop-major (rows [vB:(v+1)B] are view v), or a list of V (B, K).
@@ -76,6 +83,7 @@ class DINOLoss(nn.Module):
         centering: Literal["centering", "sinkhorn_knopp"] = "centering",
         sinkhorn_iterations: int = 3,
         center_update: Literal["forward", "manual"] = "forward",
+        on_nonfinite: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__()
         self.out_dim = out_dim = check_positive_int("out_dim", out_dim)
@@ -90,6 +98,10 @@ class DINOLoss(nn.Module):
         self.centering = check_choice("centering", centering, ("centering", "sinkhorn_knopp"))
         self.sinkhorn_iterations = check_positive_int("sinkhorn_iterations", sinkhorn_iterations)
         self.center_update = check_choice("center_update", center_update, ("forward", "manual"))
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("warn", "raise"))
+        # Device-side flags of non-finite forwards (see dino_pytorch.nonfinite): they gate the
+        # centre update, and DINO's EMA and optimizer step.
+        self.nonfinite = NonFiniteFlags()
         # Plain Python floats, not a numpy array: no host round trip, and torch.compile friendly.
         length = nepochs if nepochs is not None else warmup_teacher_temp_epochs
         self.teacher_temp_schedule = teacher_temp_schedule(
@@ -112,6 +124,7 @@ class DINOLoss(nn.Module):
         device = self.center.device
         self._center_sum = self._center_sum.to(device)
         self._center_count = self._center_count.to(device)
+        self.nonfinite.to(device)
         return self
 
     # -- teacher temperature -------------------------------------------------------------------
@@ -235,21 +248,28 @@ class DINOLoss(nn.Module):
 
         With a process group, the row sums and row counts are summed over ranks first, so the mean
         is exact even when ranks hold different batch sizes. A no-op when nothing is pending (on
-        all ranks together: with a process group every rank must call it, as every rank steps).
+        all ranks together: with a process group every rank must call it, as every rank steps), and
+        when a forward since the last update was non-finite (on any rank): the centre is never
+        poisoned by a NaN or inf teacher logit.
         """
         total, count = self._center_sum, self._center_count
+        bad = self.nonfinite.found.to(total.dtype).reshape(1)
         if distributed.is_distributed() and distributed.get_world_size() > 1:
-            packed = torch.cat([total.flatten(), count.to(total.dtype).reshape(1)])
+            packed = torch.cat([total.flatten(), count.to(total.dtype).reshape(1), bad])
             distributed.all_reduce_sum(packed)
-            total, count = packed[:-1].reshape(1, -1), packed[-1]
+            total, count, bad = packed[:-2].reshape(1, -1), packed[-2], packed[-1:]
+        # Checked on the sums (O(K)), not the logits: a non-finite teacher logit reaches its column sum.
+        ok = (count > 0) & (bad == 0).all() & torch.isfinite(total).all()
         batch_center = total / count.clamp(min=1)
         m = self.center_momentum
         # Same op order as official (c*m + b*(1-m)). Nothing pending is handled by a select, not an
         # `if` on the count: that would sync the device and break torch.compile graphs.
         updated = self.center * m + batch_center * (1 - m)
-        self.center.copy_(torch.where(count > 0, updated, self.center))  # in place: buffer identity kept
+        self.center.copy_(torch.where(ok, updated, self.center))  # in place: buffer identity kept
         self._center_sum.zero_()
         self._center_count.zero_()
+        if self.center_update == "manual":
+            self.nonfinite.reset()
 
     # -- forward -------------------------------------------------------------------------------
     def teacher_probs(self, teacher_views: Sequence[Tensor], teacher_temp: float) -> list[Tensor]:
@@ -288,6 +308,8 @@ class DINOLoss(nn.Module):
                 without ``ncrops``) two concatenated inputs are read as the official T = 2.
         """
         student, teacher = self._views(student_output, teacher_output, num_teacher_views)
+        if self.center_update == "forward":
+            self.nonfinite.reset()  # the flags describe this forward (manual: since update_center)
         if teacher_temp is None:
             temp = self.teacher_temp_at(epoch)
         else:
@@ -298,12 +320,24 @@ class DINOLoss(nn.Module):
         # (alive anyway for the head's backward) instead of a stacked copy.
         rows = student_output if isinstance(student_output, Tensor) else torch.stack(student)
         loss = multiview_cross_entropy(rows, probs, self.student_temp)
+        bad = self.nonfinite.record(loss, probs)
+        if self.on_nonfinite == "raise" or loss.device.type == "cpu":
+            # Reading the flag costs nothing on the CPU; on CUDA only when asked to stop at once.
+            self._report_now(bad)
         if self.training and self.centering == "centering":
             # One sum over the concatenated rows when we have them, exactly as official.
             self.accumulate_center(teacher_output if isinstance(teacher_output, Tensor) else teacher)
             if self.center_update == "forward":
                 self.update_center()
         return loss
+
+    def _report_now(self, bad: Tensor) -> None:
+        if not bool(bad):
+            return
+        message = "DINOLoss: " + (self.nonfinite.report() or "non-finite loss")
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of criterion(...)
 
     def extra_repr(self) -> str:
         return (
