@@ -3,6 +3,7 @@ from ._version import __version__
 from .augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
 from .dino import DINO
 from .head import DINOHead
+from .koleo import KoLeoLoss
 from .loss import DINOLoss
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
@@ -15,6 +16,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "EMATeacher",
+    "KoLeoLoss",
     "MultiCropRecipe",
     "MultiCropTransform",
     "MultiCropWrapper",
