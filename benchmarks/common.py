@@ -5,7 +5,8 @@ import platform
 import resource
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -13,7 +14,8 @@ import torch
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def sync(device: Optional[torch.device] = None) -> None:
@@ -33,6 +35,37 @@ def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, dev
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median(
+    fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2, device=None
+) -> dict[str, float]:
+    """Median wall seconds of each ``fn``, the rows alternating repeat by repeat in this process:
+    on a shared CPU, drift between rows timed minutes apart is larger than the differences measured."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def memory_floor(nbytes: int, device=None) -> dict[str, Callable[[], object]]:
+    """The floor rows of a memory-bound op over ``nbytes`` of float32: one read pass (a row-wise sum,
+    which runs at full bandwidth on all threads) and one read + write pass (``mul`` into a preallocated
+    buffer: no allocation, no page faults)."""
+    src = torch.randn(max(1, nbytes // 4 // 4096), 4096, device=device)
+    dst = torch.empty_like(src)
+    return {
+        "floor: one read pass": lambda: src.sum(dim=-1),
+        "floor: one read + write pass": lambda: torch.mul(src, 0.5, out=dst),
+    }
 
 
 def peak_rss_mb() -> float:

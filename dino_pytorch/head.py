@@ -100,6 +100,23 @@ class DINOHead(nn.Module):
         """The prototype parameters (g and v), e.g. to freeze during the first epoch."""
         return list(self.last_layer.parameters())
 
+    def forward_bottleneck(self, x: Tensor) -> Tensor:
+        """(N, in_dim) -> (N, bottleneck_dim): the MLP and the L2 normalisation, no last layer.
+
+        For :func:`dino_pytorch.ops.fused_last_layer_cross_entropy`, which applies the last layer
+        inside the loss; ``forward(x) == last_layer(forward_bottleneck(x))``.
+        """
+        x = self.mlp(x)
+        # eps 1e-12 underflows to 0 in float16; 1e-6 is the smallest safe clamp there (as DINOv2).
+        # Under autocast the norm runs in float32, so the official 1e-12 is kept there.
+        half = x.dtype == torch.float16 and not torch.is_autocast_enabled(x.device.type)
+        return F.normalize(x, dim=-1, p=2, eps=1e-6 if half else 1e-12)
+
+    def last_layer_weights(self) -> tuple[Tensor, Tensor]:
+        """``(v (out_dim, bottleneck_dim), g (out_dim, 1))`` of the weight-normalised last layer."""
+        weight = self.last_layer.parametrizations.weight
+        return weight.original1, weight.original0
+
     def forward(self, x: Tensor) -> Tensor:
         """(N, in_dim) -> (N, out_dim) logits."""
         x = self.mlp(x)

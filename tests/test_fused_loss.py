@@ -9,12 +9,12 @@ from dino_pytorch.ops import (
     MultiviewCrossEntropy,
     backend_for,
     centered_teacher_softmax,
+    dispatch,
     multiview_cross_entropy,
     multiview_cross_entropy_reference,
     teacher_column_sum,
+    teacher_targets,
 )
-from dino_pytorch.ops import dispatch
-from dino_pytorch.ops import teacher_targets
 from reference import official_loss
 
 
@@ -199,7 +199,8 @@ def test_saves_no_log_probability_tensor(dtype):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         multiview_cross_entropy(student, probs, 0.1)
-    assert any(t.dtype == dtype and t.untyped_storage().data_ptr() == student.untyped_storage().data_ptr() for t in saved)
+    ptr = student.untyped_storage().data_ptr()
+    assert any(t.dtype == dtype and t.untyped_storage().data_ptr() == ptr for t in saved)
 
 
 def test_dispatch_decision(monkeypatch):
@@ -238,7 +239,8 @@ def test_teacher_ops_on_cpu(dtype):
     g = torch.Generator().manual_seed(1)
     t = torch.randn(6, 300, generator=g).to(dtype)
     center = torch.randn(1, 300, generator=g)
-    assert torch.equal(centered_teacher_softmax(t, center, 0.04), teacher_targets.centered_teacher_softmax(t, center, 0.04))
+    expected = teacher_targets.centered_teacher_softmax(t, center, 0.04)
+    assert torch.equal(centered_teacher_softmax(t, center, 0.04), expected)
     column = teacher_column_sum(t)
     assert column.shape == (1, 300) and column.dtype == torch.float32
     assert rel(column, t.double().sum(0, keepdim=True)) <= 1e-6

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 TESTS = Path(__file__).parent
 
 

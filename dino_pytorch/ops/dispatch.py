@@ -4,25 +4,42 @@ Rule: a CUDA tensor of dtype float32/bfloat16/float16, with ``triton`` importabl
 environment variable ``DINO_PYTORCH_DISABLE_TRITON`` not set to ``1`` -> ``"triton"``; anything
 else (CPU, float64, no triton, disabled) -> ``"torch"``. Without a GPU, launching a Triton kernel
 fails ("0 active drivers"), which is why the device decides and not just the import.
+
+Within the PyTorch backend the loss has two engines (:func:`loss_engine`): ``"compiled"`` (the
+closed form as ``torch.compile``-d CPU kernels, :mod:`.closed_form`) for large float32/half CPU
+logits, and ``"torch"`` (eager ``log_softmax`` blocks) for the rest: float64, small inputs (not
+worth a compile), inside an outer ``torch.compile`` (which compiles the eager engine itself), or
+with ``DINO_PYTORCH_DISABLE_COMPILE=1`` or after a failed compile.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union, overload
 
 import torch
 from torch import Tensor
 
-from . import teacher_targets
-from .fused_cross_entropy import MultiviewCrossEntropy
+from . import closed_form, teacher_targets
+from .fused_cross_entropy import MultiviewCrossEntropy, MultiviewCrossEntropyStats
 from .views import MultiView, split_views
 
 DISABLE_ENV = "DINO_PYTORCH_DISABLE_TRITON"
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of the fused loss (float32, no gradient).
+
+    lse: (V*B,) ``log sum_k exp(x_k / tau)`` of each student row.
+    teacher_entropy: (T*B,) ``-sum_k P_k log P_k`` of each teacher row (nats; ln K = uniform).
+    """
+
+    lse: Tensor
+    teacher_entropy: Tensor
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     """True when ``import triton`` works (cached: importing is slow and its result fixed)."""
     try:
@@ -62,10 +79,45 @@ def backend_for(x: Union[Tensor, torch.device, str], dtype: Optional[torch.dtype
     return "triton" if triton_enabled() else "torch"
 
 
-def _triton_ops() -> object:
+# Below this many logits a compile (seconds, once per shape) does not pay for itself.
+COMPILE_MIN_ELEMENTS = 1 << 20
+COMPILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def loss_engine(rows: Tensor) -> str:
+    """``"triton"``, ``"compiled"`` or ``"torch"``: the engine of the fused loss for (V*B, K) logits."""
+    backend = backend_for(rows)
+    if backend == "triton":
+        return backend
+    if (
+        rows.device.type == "cpu"
+        and rows.dtype in COMPILE_DTYPES
+        and rows.numel() >= COMPILE_MIN_ELEMENTS
+        and not closed_form.compile_disabled()
+        and not torch.compiler.is_compiling()
+    ):
+        return "compiled"
+    return "torch"
+
+
+def _triton_ops() -> Any:
     from . import triton_kernels  # noqa: F401  (registers torch.ops.dino_pytorch.*)
 
     return torch.ops.dino_pytorch
+
+
+@overload
+def multiview_cross_entropy(
+    student: MultiView, teacher_probs: MultiView, student_temp: float, *, batch_size: Optional[int] = ...,
+    chunk_rows: Optional[int] = ..., inplace_backward: bool = ..., return_stats: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def multiview_cross_entropy(
+    student: MultiView, teacher_probs: MultiView, student_temp: float, *, batch_size: Optional[int] = ...,
+    chunk_rows: Optional[int] = ..., inplace_backward: bool = ..., return_stats: Literal[True],
+) -> tuple[Tensor, RowStats]: ...
 
 
 def multiview_cross_entropy(
@@ -75,7 +127,9 @@ def multiview_cross_entropy(
     *,
     batch_size: Optional[int] = None,
     chunk_rows: Optional[int] = None,
-) -> Tensor:
+    inplace_backward: bool = False,
+    return_stats: bool = False,
+) -> Union[Tensor, tuple[Tensor, RowStats]]:
     """DINO multi-view cross-entropy with a memory-lean closed-form backward.
 
     Equals :func:`.cross_entropy.multiview_cross_entropy_reference`: the mean over the
@@ -88,14 +142,30 @@ def multiview_cross_entropy(
             is student view i. Targets only: no gradient flows into them.
         student_temp: tau_s.
         batch_size: B, needed only when both tensors are 2-D.
-        chunk_rows: torch backend only: batch rows per chunk (None: about 32 MB of float32 logits per chunk).
+        chunk_rows: eager torch engine only: batch rows per chunk (None: about 16 MB of float32 logits per chunk).
+        inplace_backward: opt-in (CPU engines): backward writes the gradient into the logits' own
+            storage instead of a new (V*B, K) tensor (saves the allocation and its page faults).
+            Only for logits that nothing else reads after backward: the output of a linear layer is
+            fine; a leaf (or a view of one) is refused, and any other node that saved the logits
+            raises on backward (their version counter is bumped). Ignored by the Triton engine.
+        return_stats: also return per-row statistics, from the same passes as the loss.
 
     Returns:
-        0-dim float32 loss (float64 for float64 logits); its gradient has the logits' dtype.
+        0-dim float32 loss (float64 for float64 logits); its gradient has the logits' dtype. With
+        ``return_stats``: ``(loss, RowStats(lse (V*B,), teacher_entropy (T*B,)))``.
     """
     rows, teacher, num_views = split_views(student, teacher_probs, batch_size)
-    engine = backend_for(rows)
-    return MultiviewCrossEntropy.apply(rows, teacher, float(student_temp), num_views, chunk_rows, engine)
+    if inplace_backward and rows.requires_grad and (rows.is_leaf or (rows._base is not None and rows._base.is_leaf)):
+        raise ValueError("inplace_backward=True would overwrite a leaf tensor with its own gradient; "
+                         "pass the output of a layer (e.g. the head's last linear layer)")
+    engine = loss_engine(rows)
+    # The engine stays the last argument unless in-place is asked for (callers and tests read it there).
+    args: tuple[Any, ...] = (rows, teacher, float(student_temp), num_views, chunk_rows, engine)
+    args += (True,) if inplace_backward else ()
+    if return_stats:
+        loss, lse, entropy = MultiviewCrossEntropyStats.apply(*args)
+        return loss, RowStats(lse, entropy)
+    return MultiviewCrossEntropy.apply(*args)
 
 
 def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:

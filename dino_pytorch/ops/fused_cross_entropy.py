@@ -21,15 +21,21 @@ The two engines keep different statistics:
   max, ``CE = sum_k Q_k (m - z_k) + |Q| log sum_k exp(z_k - m)``: both terms are >= 0, so
   nothing cancels.
 
+- ``"compiled"`` (:mod:`.closed_form`, CPU) evaluates the Triton engine's max-relative closed form
+  as one ``torch.compile``-d kernel per direction (lazily compiled; an eager twin on failure) and
+  saves one number per row, ``log sum exp(z - m)``.
+
 :mod:`.dispatch` picks the engine.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from . import closed_form
 from .cross_entropy import other_view_targets
 
 # Elements of one float32 (V, rows, K) student chunk: bounds the transient memory of the torch engine
@@ -62,7 +68,7 @@ def _once_per_tensor(fn: Any, tensors: list[Tensor]) -> list[Tensor]:
     return [done[id(t)] for t in tensors]
 
 
-def _row_blocks(num_views: int, batch: int, k: int, chunk_rows: Optional[int]):
+def _row_blocks(num_views: int, batch: int, k: int, chunk_rows: Optional[int]) -> Iterator[tuple[int, int, int]]:
     """(view, first row, last row) blocks of at most ``chunk_rows`` rows of one view."""
     chunk_rows = chunk_rows or default_chunk_rows(1, k)
     for v in range(num_views):
@@ -110,6 +116,7 @@ def torch_backward(
     student_temp: float,
     num_views: int,
     chunk_rows: Optional[int] = None,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """``(mass * softmax(x / tau) - Q) * scale`` for every student row, in the student's dtype.
 
@@ -117,6 +124,8 @@ def torch_backward(
         scale: 0-dim tensor ``g / (tau * B * n_pairs)`` in the compute dtype.
         student, teacher, student_temp, num_views, chunk_rows: as :func:`torch_forward`.
         stats: (1, V*B) target row sums from :func:`torch_forward`.
+        out: where to write the gradient (e.g. ``student`` itself: each block is read before it is
+            written); default a new tensor.
 
     Returns:
         (V*B, K) gradient, dtype of ``student``; the softmax is recomputed block by block with the
@@ -128,7 +137,10 @@ def torch_backward(
     # Scale the (at most T + 1 distinct) targets once, not once per block of every view.
     targets = _once_per_tensor(lambda q: q * scale, other_view_targets(list(teacher.unbind(0)), num_views))
     mass = stats.view(num_views, batch, 1) * scale
-    grad = torch.empty((num_views, batch, k), dtype=student.dtype, device=student.device)
+    if out is None:
+        grad = torch.empty((num_views, batch, k), dtype=student.dtype, device=student.device)
+    else:
+        grad = out.view(num_views, batch, k)
     for v, b0, b1 in _row_blocks(num_views, batch, k, chunk_rows):
         p = torch.softmax(views[v, b0:b1].to(dtype) / student_temp, dim=-1)
         torch.sub(p.mul_(mass[v, b0:b1]), targets[v][b0:b1], out=grad[v, b0:b1])
@@ -137,7 +149,6 @@ def torch_backward(
 
 def _engine_forward(engine: str, *args: Any) -> tuple[Tensor, Tensor]:
     if engine == "triton":
-        from . import triton_kernels  # registers torch.ops.dino_pytorch.*
 
         student, teacher, student_temp, num_views, _ = args
         return torch.ops.dino_pytorch.mvce_forward(student, teacher, student_temp, num_views)
@@ -153,18 +164,84 @@ def _engine_backward(engine: str, *args: Any) -> Tensor:
     return torch_backward(*args)
 
 
+def _row_lse(engine: str, student: Tensor, stats: Tensor, student_temp: float, num_views: int) -> Tensor:
+    """(V*B,) float32 log-sum-exp of ``x / tau`` per student row, from what the engine already has."""
+    if engine == "triton":  # stats = (row max, log sum exp(z - max), |Q|)
+        return stats[0] + stats[1]
+    # Eager log_softmax engine: one extra in-cache reduction, only when the statistics are asked for.
+    return torch.cat([torch.logsumexp(block.float() / student_temp, dim=-1) for block in student.split(1 << 4)])
+
+
+def _teacher_entropy(teacher: Tensor) -> Tensor:
+    """(T*B,) ``-sum_k P log P`` of each teacher row (0 log 0 = 0)."""
+    return -torch.special.xlogy(teacher, teacher).sum(dim=-1).flatten()
+
+
+def _forward(
+    ctx: Any, student: Tensor, teacher: Tensor, student_temp: float, num_views: int,
+    chunk_rows: Optional[int], engine: str, inplace_backward: bool, want_stats: bool,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Shared forward of both Functions: ``(loss, lse or None, teacher entropy or None)``."""
+    dtype = compute_dtype(student.dtype)
+    teacher = teacher.detach().to(dtype)
+    num_teacher, batch = teacher.shape[0], teacher.shape[1]
+    lse = entropy = None
+    if engine == "compiled":
+        x = student.view(num_views, batch, -1)
+        mask = closed_form.view_mask(num_views, num_teacher, student.device)
+        outs = closed_form.compiled_forward(x, teacher, mask, student_temp, want_stats)
+        ce, stats = outs[0].flatten(), outs[1]  # stats: (V, B) log sum exp(z - max), one per row
+        if want_stats:
+            lse, entropy = outs[2].flatten(), outs[3].flatten()
+    else:
+        ce, stats = _engine_forward(engine, student, teacher, student_temp, num_views, chunk_rows)
+        if want_stats:
+            lse, entropy = _row_lse(engine, student, stats, student_temp, num_views), _teacher_entropy(teacher)
+    normaliser = batch * num_teacher * (num_views - 1)
+    ctx.save_for_backward(student, teacher, stats)
+    ctx.student_temp, ctx.num_views, ctx.chunk_rows, ctx.engine = student_temp, num_views, chunk_rows, engine
+    ctx.normaliser, ctx.inplace_backward = normaliser, inplace_backward
+    return ce.sum() / normaliser, lse, entropy
+
+
+def _backward(ctx: Any, grad_output: Tensor) -> Optional[Tensor]:
+    if not ctx.needs_input_grad[0]:
+        return None
+    student, teacher, stats = ctx.saved_tensors
+    # A tensor, not .item(): no host sync, and the Triton kernel reads it from device memory.
+    scale = grad_output.to(stats.dtype) / (ctx.student_temp * ctx.normaliser)
+    if ctx.engine == "compiled":
+        x = student.view(ctx.num_views, teacher.shape[1], -1)
+        mask = closed_form.view_mask(ctx.num_views, teacher.shape[0], student.device)
+        grad = closed_form.compiled_grad(x, teacher, mask, stats, scale, ctx.student_temp, ctx.inplace_backward)
+        if ctx.inplace_backward:
+            # The logits now hold the gradient: any other node that saved them fails loudly on unpack.
+            torch.autograd.graph.increment_version(student)
+        return grad.view(student.shape)
+    if ctx.engine == "torch" and ctx.inplace_backward:
+        torch_backward(scale, student, teacher, stats, ctx.student_temp, ctx.num_views, ctx.chunk_rows, out=student)
+        torch.autograd.graph.increment_version(student)
+        return student
+    return _engine_backward(
+        ctx.engine, scale, student, teacher, stats, ctx.student_temp, ctx.num_views, ctx.chunk_rows
+    )
+
+
 class MultiviewCrossEntropy(torch.autograd.Function):
     """Autograd Function of the DINO cross-entropy; use :func:`.dispatch.multiview_cross_entropy`.
 
     Inputs: student (V*B, K) crop-major logits (any floating dtype), teacher (T, B, K)
-    probabilities, tau, V, chunk_rows (torch engine; None = default) and the engine name.
+    probabilities, tau, V, chunk_rows (eager engines; None = default), the engine name
+    (``"torch"``, ``"compiled"`` or ``"triton"``) and ``inplace_backward`` (compiled engine: write the
+    gradient into the logits' storage; the caller checks that this is safe).
     Output: 0-dim loss in the compute dtype (float32, or float64 for float64 logits).
     Saved for backward: the student logits (the input itself, no copy), the teacher probabilities in
-    the compute dtype and (3, V*B) row statistics. The teacher is a target: it gets no gradient.
+    the compute dtype and the engine's row statistics (one number per row for ``"torch"`` and
+    ``"compiled"``, three for ``"triton"``). The teacher is a target: it gets no gradient.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         student: Tensor,
         teacher: Tensor,
@@ -172,25 +249,46 @@ class MultiviewCrossEntropy(torch.autograd.Function):
         num_views: int,
         chunk_rows: Optional[int],
         engine: str,
+        inplace_backward: bool = False,
     ) -> Tensor:
-        dtype = compute_dtype(student.dtype)
-        teacher = teacher.detach().to(dtype)
-        num_teacher, batch = teacher.shape[0], teacher.shape[1]
-        ce, stats = _engine_forward(engine, student, teacher, student_temp, num_views, chunk_rows)
-        normaliser = batch * num_teacher * (num_views - 1)
-        ctx.save_for_backward(student, teacher, stats)
-        ctx.student_temp, ctx.num_views, ctx.chunk_rows, ctx.engine = student_temp, num_views, chunk_rows, engine
-        ctx.normaliser = normaliser
-        return ce.sum() / normaliser
+        loss, _, _ = _forward(
+            ctx, student, teacher, student_temp, num_views, chunk_rows, engine, inplace_backward, False
+        )
+        return loss
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        student, teacher, stats = ctx.saved_tensors
-        # A tensor, not .item(): no host sync, and the Triton kernel reads it from device memory.
-        scale = grad_output.to(stats.dtype) / (ctx.student_temp * ctx.normaliser)
-        grad = _engine_backward(
-            ctx.engine, scale, student, teacher, stats, ctx.student_temp, ctx.num_views, ctx.chunk_rows
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None, None]:
+        return _backward(ctx, grad_output), None, None, None, None, None, None
+
+
+class MultiviewCrossEntropyStats(torch.autograd.Function):
+    """:class:`MultiviewCrossEntropy` that also returns per-row statistics, from the same passes.
+
+    Outputs: ``(loss, lse, teacher_entropy)``: the 0-dim loss, (V*B,) float32 log-sum-exp of
+    ``x / tau`` per student row, and (T*B,) ``-sum P log P`` per teacher row; the last two carry no
+    gradient. Same inputs, saved tensors and backward as :class:`MultiviewCrossEntropy`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        student_temp: float,
+        num_views: int,
+        chunk_rows: Optional[int],
+        engine: str,
+        inplace_backward: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        loss, lse, entropy = _forward(
+            ctx, student, teacher, student_temp, num_views, chunk_rows, engine, inplace_backward, True
         )
-        return grad, None, None, None, None, None
+        assert lse is not None and entropy is not None
+        ctx.mark_non_differentiable(lse, entropy)
+        return loss, lse, entropy
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: Tensor, _grad_lse: Any, _grad_entropy: Any
+    ) -> tuple[Optional[Tensor], None, None, None, None, None, None]:
+        return _backward(ctx, grad_output), None, None, None, None, None, None

@@ -6,7 +6,8 @@ viewed, so the student logits the head's backward keeps alive are the very tenso
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
