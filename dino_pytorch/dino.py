@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Literal, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Literal, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -11,11 +12,12 @@ from .checkpoint import make_official_checkpoint
 from .diagnostics import collapse_metrics
 from .features import as_feature_extractor, feature_dim_hint, infer_feature_dim
 from .head import DINOHead
+from .koleo import KoLeoLoss
 from .loss import DINOLoss
 from .optim import cancel_gradients_, clip_gradients_, get_params_groups, set_schedules
 from .schedules import DINOSchedules
 from .teacher import EMATeacher
-from .validate import check_positive_int
+from .validate import check_float, check_positive_int
 from .wrapper import MultiCropWrapper
 
 
@@ -36,7 +38,8 @@ class DINO(nn.Module):
     ``dino-train`` is these helpers plus a loop): :meth:`param_groups`, :meth:`apply_schedules`
     (lr / weight decay of the step), :meth:`clip_gradients_` (per parameter),
     :meth:`cancel_last_layer_gradients_` (first-epoch freeze), :meth:`distribute` and
-    :meth:`no_sync` (DDP, gradient accumulation), :meth:`compile_forwards`, and the resume state:
+    :meth:`no_sync` (DDP, gradient accumulation), :meth:`compile_forwards`, :meth:`optimizer_step`
+    and :meth:`nonfinite_report` (a non-finite step updates nothing), and the resume state:
     ``state_dict()`` (student, teacher, centre, step) or the official file layout
     (:meth:`official_checkpoint` / :meth:`load_official_checkpoint`). Mixed precision wraps the
     call: ``with dino_pytorch.precision.autocast("bf16", device): loss = dino(views)``.
@@ -51,13 +54,31 @@ class DINO(nn.Module):
         embed_dim: the backbone's feature width; inferred with a dummy forward when None.
         input_size: (C, H, W) of that dummy forward (default: (C of the first conv, 224, 224)).
         num_global_views: views the teacher sees (official: 2).
-        use_bn, norm_last_layer, nlayers, hidden_dim, bottleneck_dim: :class:`DINOHead` options.
-        teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, nepochs, student_temp,
-            center_momentum, centering: :class:`DINOLoss` options.
-        momentum_teacher, final_momentum, total_steps, teacher_buffers: :class:`EMATeacher` options.
+        use_bn: :class:`DINOHead` option: BatchNorm after each hidden linear of the MLP.
+        norm_last_layer: :class:`DINOHead` option: freeze the weight-norm gain of the prototypes.
+        nlayers: :class:`DINOHead` option: linear layers in the MLP.
+        hidden_dim: :class:`DINOHead` option: width of the MLP's hidden layers.
+        bottleneck_dim: :class:`DINOHead` option: width before the L2 normalisation.
+        teacher_temp: :class:`DINOLoss` option: teacher temperature after the warm-up.
+        warmup_teacher_temp: :class:`DINOLoss` option: teacher temperature at epoch 0 (default:
+            ``teacher_temp``, no warm-up).
+        warmup_teacher_temp_epochs: :class:`DINOLoss` option: length of the temperature warm-up.
+        nepochs: :class:`DINOLoss` option: length of the temperature schedule.
+        student_temp: :class:`DINOLoss` option: student temperature.
+        center_momentum: :class:`DINOLoss` option: EMA momentum of the centre.
+        centering: :class:`DINOLoss` option: ``"centering"`` or ``"sinkhorn_knopp"``.
+        momentum_teacher: :class:`EMATeacher` option ``momentum``: base EMA momentum.
+        final_momentum: :class:`EMATeacher` option: momentum at the end of the cosine schedule.
+        total_steps: :class:`EMATeacher` option: schedule length in optimizer steps.
+        teacher_buffers: :class:`EMATeacher` option ``buffers``: ``"keep"``, ``"copy"`` or ``"ema"``.
         schedules: per-step lr, weight decay and teacher momentum (:class:`DINOSchedules`); when
             given, :meth:`update_teacher` takes the momentum from it (and ``momentum_teacher``,
             ``final_momentum`` and ``total_steps`` are not used).
+        koleo_weight: weight of DINOv2's :class:`~dino_pytorch.KoLeoLoss` on the student backbone's
+            features of each global view (0: off, official DINO; DINOv2 uses 0.1).
+        on_nonfinite: :class:`DINOLoss` option: ``"warn"`` or ``"raise"`` at once on a non-finite
+            loss. Either way nothing is updated from such a step (:meth:`optimizer_step`,
+            :meth:`update_teacher`); :meth:`nonfinite_report` says what was non-finite.
 
     Attributes:
         student: :class:`MultiCropWrapper` (backbone features + head), trained by the optimizer.
@@ -90,6 +111,8 @@ class DINO(nn.Module):
         total_steps: Optional[int] = None,
         teacher_buffers: Literal["keep", "copy", "ema"] = "keep",
         schedules: Optional[DINOSchedules] = None,
+        koleo_weight: float = 0.0,
+        on_nonfinite: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__()
         check_positive_int("num_global_views", num_global_views)
@@ -119,13 +142,20 @@ class DINO(nn.Module):
             center_momentum=center_momentum,
             centering=centering,
             center_update="manual",
+            on_nonfinite=on_nonfinite,
         )
         self.schedules = schedules
+        self.koleo_weight = check_float("koleo_weight", koleo_weight, low=0.0)
+        self.koleo = KoLeoLoss()
         # The callables the forward runs: the modules themselves, or their DDP / compiled wrappers.
         # Not submodules, so the state_dict keeps one copy of every weight under its plain name.
         object.__setattr__(self, "_student_forward", self.student)
         object.__setattr__(self, "_teacher_forward", self.teacher)
         self._last_teacher: Optional[tuple[Tensor, float]] = None
+        self._last_loss: Optional[Tensor] = None
+
+    _student_forward: Callable[..., Any]
+    _teacher_forward: Callable[..., Any]
 
     @property
     def backbone(self) -> nn.Module:
@@ -135,7 +165,7 @@ class DINO(nn.Module):
     @property
     def teacher_backbone(self) -> nn.Module:
         """The teacher's feature extractor: the usual network to evaluate or export."""
-        return self.teacher.module.backbone
+        return cast(MultiCropWrapper, self.teacher.module).backbone
 
     def forward(
         self, views: Sequence[Tensor], epoch: Optional[int] = None, *, teacher_temp: Optional[float] = None
@@ -157,14 +187,21 @@ class DINO(nn.Module):
                 f"views has {len(views)} tensors, expected at least num_global_views={self.num_global_views}"
             )
         teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
-        student_out = self._student_forward(list(views))
+        student_out, features = self._student_forward(list(views), return_backbone_feats=True)
         # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.
         self._last_teacher = (teacher_out.detach(), teacher_temp if teacher_temp is not None
                               else self.criterion.teacher_temp_at(epoch))
         # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
-        return self.criterion(
+        loss = self.criterion(
             student_out, teacher_out, epoch, teacher_temp=teacher_temp, num_teacher_views=self.num_global_views
         )
+        if self.koleo_weight > 0:
+            # As DINOv2: on each global view's student backbone features separately, averaged (both
+            # views in one set would make each image's neighbour its own other view).
+            per_view = features[: self.num_global_views * views[0].shape[0]].chunk(self.num_global_views)
+            loss = loss + self.koleo_weight * torch.stack([self.koleo(f) for f in per_view]).mean()
+        self._last_loss = loss.detach()
+        return loss
 
     def collapse_metrics(self) -> dict[str, Tensor]:
         """Health of the teacher targets of the last forward (0-dim tensors: read them at log points).
@@ -176,7 +213,7 @@ class DINO(nn.Module):
         logits, temp = self._last_teacher
         with torch.no_grad():
             probs = self.criterion.teacher_probs(list(logits.float().chunk(self.num_global_views)), temp)
-            return collapse_metrics(torch.cat(probs), self.criterion.center)
+            return collapse_metrics(torch.cat(probs), self.criterion.center, self._last_loss)
 
     @property
     def step(self) -> int:
@@ -184,11 +221,44 @@ class DINO(nn.Module):
         return self.teacher.step
 
     def update_teacher(self, momentum: Optional[float] = None) -> float:
-        """Once per optimizer step: EMA of the teacher and the centre update. Returns the momentum."""
+        """Once per optimizer step: EMA of the teacher and the centre update. Returns the momentum.
+
+        After a step whose loss was non-finite (any micro-batch, any rank for the centre) neither
+        moves: the flag is read on the device, so this adds no host sync.
+        """
         if momentum is None and self.schedules is not None:
             momentum = self.schedules.at(self.step)["momentum"]
+        skip = self.criterion.nonfinite.found.clone()  # update_center resets the flags
         self.criterion.update_center()
-        return self.teacher.update(self.student, momentum=momentum)
+        return self.teacher.update(self.student, momentum=momentum, skip=skip)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        """``optimizer.step()``, skipped after a non-finite loss (call before :meth:`update_teacher`).
+
+        With a GradScaler the scaler decides (a non-finite loss gives non-finite gradients, which it
+        skips); fused optimizers (``AdamW(fused=True)``, ...) skip on the device from the flag, with
+        no host sync; any other optimizer reads the flag, free on the CPU, one sync on CUDA.
+        """
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+            return
+        found = self.criterion.nonfinite.found
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # The fused kernels take GradScaler's found_inf and leave params and state untouched.
+            optimizer.found_inf = found.to(torch.float32)  # type: ignore[attr-defined]
+            optimizer.grad_scale = None  # type: ignore[attr-defined]
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+        elif not bool(found):
+            optimizer.step()
+
+    def nonfinite_report(self, where: str = "") -> Optional[str]:
+        """None if every loss since the last :meth:`update_teacher` was finite, else one line saying
+        what was not. Reads the flags (one host sync on CUDA): call it where the loop syncs anyway."""
+        return self.criterion.nonfinite.report(where, kept="the centre, the teacher and the optimizer were")
 
     # -- the official recipe, one helper each -----------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -220,7 +290,7 @@ class DINO(nn.Module):
         """Drop the prototypes' gradients (official ``--freeze_last_layer``: call while epoch < N)."""
         cancel_gradients_(self.last_layer_parameters())
 
-    def distribute(self, device_ids: Optional[Sequence[int]] = None, sync_batchnorm: bool = True) -> "DINO":
+    def distribute(self, device_ids: Optional[Sequence[int]] = None, sync_batchnorm: bool = True) -> DINO:
         """Wrap the student in DistributedDataParallel (needs an initialised process group).
 
         With ``sync_batchnorm`` the BatchNorm layers of the student and the teacher become
@@ -235,14 +305,14 @@ class DINO(nn.Module):
         object.__setattr__(self, "_student_forward", ddp)
         return self
 
-    def no_sync(self, skip: bool = True) -> ContextManager[object]:
+    def no_sync(self, skip: bool = True) -> contextlib.AbstractContextManager[object]:
         """DDP's ``no_sync`` while ``skip`` (micro-batches before the last of an accumulation)."""
         ddp = self._student_forward
         if skip and isinstance(ddp, nn.parallel.DistributedDataParallel):
             return ddp.no_sync()
         return contextlib.nullcontext()
 
-    def compile_forwards(self, **compile_kwargs: Any) -> "DINO":
+    def compile_forwards(self, **compile_kwargs: Any) -> DINO:
         """``torch.compile`` the student (DDP included) and teacher forwards; weights stay shared."""
         object.__setattr__(self, "_student_forward", torch.compile(self._student_forward, **compile_kwargs))
         object.__setattr__(self, "_teacher_forward", torch.compile(self._teacher_forward, **compile_kwargs))

@@ -321,8 +321,9 @@ class DINOLoss(nn.Module):
         rows = student_output if isinstance(student_output, Tensor) else torch.stack(student)
         loss = multiview_cross_entropy(rows, probs, self.student_temp)
         bad = self.nonfinite.record(loss, probs)
-        if self.on_nonfinite == "raise" or loss.device.type == "cpu":
+        if (self.on_nonfinite == "raise" or loss.device.type == "cpu") and not torch.compiler.is_compiling():
             # Reading the flag costs nothing on the CPU; on CUDA only when asked to stop at once.
+            # Inside a compiled graph the flags are only recorded (reading one would break it).
             self._report_now(bad)
         if self.training and self.centering == "centering":
             # One sum over the concatenated rows when we have them, exactly as official.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,51 @@ from .schedules import cosine_value
 from .validate import check_choice, check_optional_positive_int, check_probability
 
 
-def _grouped(pairs: list[tuple[Tensor, Tensor]]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
+def _tree(module: nn.Module) -> list[nn.Module]:
+    return list(module.modules())
+
+
+def _fingerprint(modules: list[nn.Module]) -> list[int]:
+    """Object ids of each module's children, parameters and buffers, read without walking the tree
+    (the cache holds references to all of them, so no id is reused)."""
+    out: list[int] = []
+    for m in modules:
+        out += map(id, m._modules.values())
+        out += map(id, m._parameters.values())
+        out += map(id, m._buffers.values())
+        out.append(0)  # module separator (no object has id 0)
+    return out
+
+
+def _meta(tensors: list[Tensor]) -> list[tuple[Any, ...]]:
+    """Shape, dtype and device of each tensor: ``p.data = ...`` changes them on the same object."""
+    return [(t.shape, t.dtype, t.device) for t in tensors]
+
+
+class _Plan:
+    """The cached EMA work: foreach groups of (teacher, student) parameters, buffer pairs and the
+    fingerprints of both modules that must still hold for it to be valid."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, params: list[tuple[Tensor, Tensor]],
+                 buffers: list[tuple[Tensor, Tensor]]) -> None:
+        self.teacher_modules, self.student_modules = _tree(teacher), _tree(student)
+        self.student = student
+        self.tensors = [t for pair in params + buffers for t in pair]
+        self.key = self._key()
+        # (teacher list, student list, student tensors needing a cast to the teacher's dtype)
+        self.groups = [(t, s, any(a.dtype != b.dtype for a, b in zip(t, s))) for t, s in _grouped(params).values()]
+        self.buffers = buffers
+
+    def _key(self) -> tuple[list[int], list[int], list[tuple[Any, ...]]]:
+        return _fingerprint(self.teacher_modules), _fingerprint(self.student_modules), _meta(self.tensors)
+
+    def valid_for(self, student: nn.Module) -> bool:
+        return student is self.student and self.key == self._key()
+
+
+def _grouped(
+    pairs: list[tuple[Tensor, Tensor]],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
     # foreach kernels take one device and dtype per call; group once per update.
     groups: dict[Any, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
     for t, s in pairs:
@@ -67,20 +111,25 @@ class EMATeacher(nn.Module):
         if disable_drop_path:
             for m in self.module.modules():
                 if isinstance(getattr(m, "drop_prob", None), float):
-                    m.drop_prob = 0.0
+                    m.drop_prob = 0.0  # type: ignore[assignment]  # a float attribute, not a submodule
         # Not a submodule: the student's parameters must not show up in the teacher's.
         object.__setattr__(self, "_student", student)
         self.step = 0
+        self._plan: Optional[_Plan] = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
     def momentum_at(self, step: int) -> float:
-        """Scheduled momentum at optimizer step ``step`` (official cosine, per step)."""
+        """Scheduled momentum at optimizer step ``step`` (official cosine, per step).
+
+        Past ``total_steps`` the last scheduled value holds (a run extended beyond its schedule keeps
+        the end momentum instead of failing), as :class:`~dino_pytorch.schedules.DINOSchedules` does.
+        """
         if self.total_steps is None:
             return self.momentum
-        return cosine_value(self.momentum, self.final_momentum, step, self.total_steps)
+        return cosine_value(self.momentum, self.final_momentum, min(step, self.total_steps - 1), self.total_steps)
 
     def _pairs(self, student: nn.Module) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
         t_params, s_params = list(self.module.parameters()), list(student.parameters())
@@ -95,24 +144,42 @@ class EMATeacher(nn.Module):
         return list(zip(t_params, s_params)), list(zip(t_bufs, s_bufs))
 
     @torch.no_grad()
-    def update(self, student: Optional[nn.Module] = None, momentum: Optional[float] = None) -> float:
+    def update(
+        self, student: Optional[nn.Module] = None, momentum: Optional[float] = None, skip: Optional[Tensor] = None
+    ) -> float:
         """One EMA step ``t <- m t + (1 - m) s`` over all parameters; returns the m used.
 
         Args:
             student: the student module (default: the one given at construction).
             momentum: m for this step; default: the schedule at the current step.
+            skip: a 0-dim bool tensor; where True the teacher keeps its weights (a non-finite step:
+                :mod:`dino_pytorch.nonfinite`). Read on the device, so no host sync. The schedule
+                position advances either way, as the optimizer's does.
         """
-        student = self._student if student is None else student
+        student = cast(nn.Module, self._student) if student is None else student
         m = self.momentum_at(self.step) if momentum is None else check_probability("momentum", momentum)
-        params, buffers = self._pairs(student)
-        for teacher_list, student_list in _grouped(params).values():
+        plan = self._plan
+        if plan is None or not plan.valid_for(student):
+            # Pair and group once; reused while neither module's structure or tensors change (a
+            # replaced parameter, buffer or submodule, or a new dtype/device, rebuilds the plan).
+            plan = self._plan = _Plan(self.module, student, *self._pairs(student))
+        weight: Union[float, Tensor] = 1.0 - m
+        if skip is not None:
+            weight = (1.0 - m) * (~skip.detach()).to(torch.float32)  # 0 on a skipped step
+        for teacher_list, student_list, needs_cast in plan.groups:
             # lerp(t, s, 1-m) = t + (1-m)(s - t): one read of each tensor, no temporaries.
             # A student cast to another dtype (e.g. bf16) still updates a float32 teacher.
-            torch._foreach_lerp_(teacher_list, [s.detach().to(t.dtype) for t, s in zip(teacher_list, student_list)], 1.0 - m)
+            if needs_cast:
+                student_list = [s.detach().to(t.dtype) for t, s in zip(teacher_list, student_list)]
+            w = weight.to(teacher_list[0].device) if isinstance(weight, Tensor) else weight
+            # A 0-dim tensor weight is accepted at runtime (tests/test_teacher.py); the stubs say Scalar.
+            torch._foreach_lerp_(teacher_list, student_list, w)  # type: ignore[arg-type]
         if self.buffers_mode != "keep":
-            for t, s in buffers:
+            for t, s in plan.buffers:
                 if self.buffers_mode == "ema" and t.is_floating_point():
-                    t.lerp_(s.to(t.dtype), 1.0 - m)
+                    t.lerp_(s.to(t.dtype), weight.to(t.device) if isinstance(weight, Tensor) else weight)
+                elif skip is not None:
+                    t.copy_(torch.where(skip.to(t.device), t, s))
                 else:
                     t.copy_(s)
         self.step += 1

@@ -86,3 +86,70 @@ def test_flags_count_rows_and_report_in_one_line():
     assert int(flags.steps) == 2
     flags.reset()
     assert flags.report() is None
+
+
+# -- DINO: a non-finite step updates nothing -----------------------------------------------------
+
+def tiny_dino(**kwargs):
+    from torch import nn
+
+    from dino_pytorch import DINO
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return DINO(backbone, out_dim=K, hidden_dim=16, bottleneck_dim=8, input_size=(1, 12, 12), **kwargs)
+
+
+def views(bad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(4, 1, 12, 12, generator=g) for _ in range(2)] + [torch.randn(4, 1, 6, 6, generator=g)]
+    if bad:
+        v[2][1, 0, 0, 0] = float("nan")  # one local view of one image: only the student sees it
+    return v
+
+
+def snapshot(dino):
+    return {k: v.clone() for k, v in dino.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_step_moves_no_weight_no_centre_no_teacher(fused):
+    dino = tiny_dino()
+    optimizer = torch.optim.AdamW(dino.param_groups(), lr=0.1, fused=fused)
+    before = snapshot(dino)
+    with pytest.warns(RuntimeWarning, match="student output"):
+        loss = dino(views(bad=True))
+    loss.backward()
+    dino.optimizer_step(optimizer)
+    assert "non-finite loss at step 0: the student output" in dino.nonfinite_report("step 0")
+    dino.update_teacher()
+    after = snapshot(dino)
+    changed = [k for k in before if k != "teacher._extra_state" and not torch.equal(before[k], after[k])]
+    assert changed == [] and dino.step == 1  # the schedules still advance
+    assert dino.nonfinite_report() is None  # reset for the next step
+    optimizer.zero_grad()
+    dino(views(seed=1)).backward()
+    dino.optimizer_step(optimizer)
+    dino.update_teacher()
+    moved = snapshot(dino)
+    assert not torch.equal(moved["criterion.center"], after["criterion.center"])
+    assert any(not torch.equal(moved[k], after[k]) for k in moved if k.startswith("student."))
+    assert any(not torch.equal(moved[k], after[k]) for k in moved if k.startswith("teacher.module."))
+
+
+def test_koleo_weight_adds_the_mean_of_per_view_koleo():
+    from dino_pytorch import KoLeoLoss
+
+    dino = tiny_dino(koleo_weight=0.1)
+    v = views()
+    loss = dino(v)
+    with torch.no_grad():
+        student, features = dino.student(v, return_backbone_feats=True)
+        teacher = dino.teacher(v[:2])
+    plain = tiny_dino()
+    plain.load_state_dict(dino.state_dict())
+    base = plain.criterion(student, teacher, num_teacher_views=2)
+    koleo = (KoLeoLoss()(features[:4]) + KoLeoLoss()(features[4:8])) / 2
+    torch.testing.assert_close(loss, base + 0.1 * koleo, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="koleo_weight=-1"):
+        tiny_dino(koleo_weight=-1.0)

@@ -48,8 +48,25 @@ def test_default_momentum_follows_official_cosine_per_step():
     schedule = cosine_scheduler(0.996, 1.0, 3, 4)
     used = [teacher.update() for _ in range(12)]
     assert used == pytest.approx(list(schedule), abs=1e-15)
-    with pytest.raises(ValueError, match="step=12"):
-        teacher.update()
+    # Past the schedule the last value holds (a resumed or extended run does not fail).
+    assert teacher.update() == teacher.update() == pytest.approx(schedule[-1], abs=1e-15)
+    assert teacher.step == 14
+
+
+def test_a_skipped_step_leaves_the_teacher_unchanged_without_reading_the_flag():
+    student = student_net()
+    teacher = EMATeacher(student, momentum=0.5, buffers="copy")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [t.clone() for t in teacher.module.state_dict().values()]
+    teacher.update(skip=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.module.state_dict().values()))
+    params_before = [t.clone() for t in teacher.module.parameters()]
+    teacher.update(skip=torch.tensor(False))
+    for t, s, b in zip(teacher.module.parameters(), student.parameters(), params_before):
+        torch.testing.assert_close(t, 0.5 * b + 0.5 * s)
+    assert teacher.step == 2
 
 
 def test_constant_momentum_without_schedule():
@@ -140,3 +157,61 @@ def test_student_cast_to_bfloat16_still_updates_float32_teacher():
     teacher.update(momentum=0.0)
     for k, q in zip(teacher.parameters(), student.parameters()):
         assert k.dtype == torch.float32 and torch.equal(k, q.float())
+
+
+def _expected_after_update(teacher, student, m):
+    pairs = zip(teacher.parameters(), student.parameters())
+    return [t.detach().clone().double() * m + (1 - m) * s.detach().double() for t, s in pairs]
+
+
+def _assert_updated(teacher, expected):
+    for t, e in zip(teacher.parameters(), expected):
+        assert (t.double() - e).abs().max() <= 1e-6
+
+
+def test_cached_pairing_sees_replaced_parameters_and_modules():
+    student = student_net()
+    teacher = EMATeacher(student)
+    teacher.update(momentum=0.9)  # builds the cached plan
+    # 1. A parameter replaced by a new object: the update must average the new one.
+    student[0].weight = nn.Parameter(torch.randn(16, 8))
+    expected = _expected_after_update(teacher, student, 0.9)
+    teacher.update(momentum=0.9)
+    _assert_updated(teacher, expected)
+    # 2. A submodule replaced.
+    student[3] = nn.Linear(16, 4)
+    expected = _expected_after_update(teacher, student, 0.8)
+    teacher.update(momentum=0.8)
+    _assert_updated(teacher, expected)
+    # 3. load_state_dict copies into the same tensors: still right without a rebuild.
+    other = student_net()
+    perturb(other)
+    student.load_state_dict(other.state_dict())
+    expected = _expected_after_update(teacher, student, 0.7)
+    teacher.update(momentum=0.7)
+    _assert_updated(teacher, expected)
+    # 4. .data reassigned (new storage, other dtype) on the same Parameter object.
+    student[0].bias.data = torch.randn(16, dtype=torch.float64)
+    expected = _expected_after_update(teacher, student, 0.6)
+    teacher.update(momentum=0.6)
+    _assert_updated(teacher, expected)
+    # 5. The teacher's own parameter replaced (e.g. by user code): the new one is updated.
+    teacher.module[0].bias = nn.Parameter(torch.zeros(16), requires_grad=False)
+    expected = _expected_after_update(teacher, student, 0.5)
+    teacher.update(momentum=0.5)
+    _assert_updated(teacher, expected)
+
+
+def test_cached_pairing_is_reused_and_a_new_student_rebuilds_it():
+    student = student_net()
+    teacher = EMATeacher(student)
+    teacher.update(momentum=0.9)
+    plan = teacher._plan
+    teacher.update(momentum=0.9)
+    assert teacher._plan is plan  # nothing changed: no re-pairing
+    other = copy.deepcopy(student)
+    perturb(other)
+    expected = _expected_after_update(teacher, other, 0.9)
+    teacher.update(other, momentum=0.9)
+    assert teacher._plan is not plan
+    _assert_updated(teacher, expected)
