@@ -2,40 +2,46 @@
 
 - :func:`save_checkpoint` never leaves a half-written file at its target: it writes a temporary
   file beside it, fsyncs, and renames it over the target.
-- :func:`load_checkpoint` unpickles with ``weights_only=True`` (tensors and plain containers only)
-  and turns every failure into a :class:`CheckpointError` naming the file.
 - :func:`make_official_checkpoint` writes the official top-level layout (``student``,
-  ``teacher``, ``optimizer``, ``epoch``, ``dino_loss``, ``fp16_scaler``, ``args``), but with
-  ``args`` as a plain dict so the file stays loadable without trusting it.
-- :func:`load_official_weights` / :func:`load_into` read official full checkpoints and model-zoo
-  backbone files. Official full checkpoints pickle an ``argparse.Namespace``; those need
-  ``trusted=True``, which unpickles arbitrary objects: **only for files you trust**.
+  ``teacher``, ``optimizer``, ``epoch``, ``dino_loss``, ``fp16_scaler``, ``args``), with ``args``
+  as a plain dict.
+- The reading side lives in :mod:`dino_pytorch.safe_load` and is re-exported here:
+  :func:`load_checkpoint`, :func:`read_checkpoint`, :func:`load_official_weights` and
+  :func:`load_into` unpickle with ``weights_only=True`` and an allowlist of exactly what genuine
+  official checkpoints hold (``argparse.Namespace``, numpy float64 scalars), so official files load
+  without trusting them; any other Python global is refused with a :class:`CheckpointError` naming it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import re
 import secrets
-import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from .head import _OFFICIAL_TO_PARAMETRIZED
+from .safe_load import (
+    OFFICIAL_GLOBALS,
+    CheckpointError,
+    PathLike,
+    check_fit,
+    load_checkpoint,
+    load_into,
+    load_official_weights,
+    official_state_dict,
+    read_checkpoint,
+    refused_global,
+    strip_prefixes,
+)
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-# The one official key map lives with DINOHead; here it is read the other way round.
-_PARAMETRIZED_TO_OFFICIAL = {ours: theirs for theirs, ours in _OFFICIAL_TO_PARAMETRIZED.items()}
-_WRAPPER_PREFIXES = ("module.", "backbone.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, corrupt, untrusted, or does not fit the model."""
+__all__ = [
+    "OFFICIAL_GLOBALS", "CheckpointError", "PathLike", "check_fit", "load_checkpoint", "load_into",
+    "load_official_weights", "make_official_checkpoint", "official_state_dict", "read_checkpoint",
+    "refused_global", "save_checkpoint", "strip_prefixes",
+]
 
 
 # ----------------------------------------------------------------------------------------- save
@@ -81,71 +87,7 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
     _fsync_directory(directory)
 
 
-# ----------------------------------------------------------------------------------------- load
-
-def _untrusted_global(err: Optional[BaseException]) -> Optional[str]:
-    """The class name weights_only refused ("argparse.Namespace"), or None for other failures."""
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-    return match.group(1) if match else None
-
-
-def _torch_load(path: str, map_location: Any, weights_only: bool) -> Any:
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is a directory, expected a file written by torch.save")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): an interrupted, non-atomic write?")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except Exception as err:
-        name = _untrusted_global(err)
-        if name is not None:
-            raise CheckpointError(
-                f"checkpoint {path!r} contains a pickled {name} object, which safe loading "
-                f"(weights_only=True) refuses. Official DINO checkpoints pickle their argparse "
-                f"Namespace under 'args'; if you trust this file, use "
-                f"load_official_weights({path!r}, trusted=True) (it unpickles with "
-                f"weights_only=False, which can run arbitrary code)"
-            ) from err
-        raise CheckpointError(
-            f"checkpoint {path!r} ({size} bytes) is truncated or corrupt, or not a torch.save file: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
-
-
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """The dict saved at ``path``, loaded with ``weights_only=True`` onto ``map_location``.
-
-    Raises:
-        CheckpointError: the file is missing, empty, truncated or corrupt, holds pickled objects
-            other than tensors and plain containers, or is not a dict.
-    """
-    path = os.fspath(path)
-    state = _torch_load(path, map_location, weights_only=True)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path!r} holds a {type(state).__name__}, expected a dict")
-    return state
-
-
 # ------------------------------------------------------------------------------ official layout
-
-def official_state_dict(module_state: Mapping[str, Any]) -> dict[str, Any]:
-    """``module_state`` with DINOHead's parametrized last-layer keys renamed to the official ones.
-
-    ``...last_layer.parametrizations.weight.original0`` -> ``...last_layer.weight_g`` and
-    ``original1`` -> ``weight_v``; every other key (and every tensor) is passed through, in order.
-    """
-    out: dict[str, Any] = {}
-    for key, value in module_state.items():
-        for ours, theirs in _PARAMETRIZED_TO_OFFICIAL.items():
-            if key == ours or key.endswith("." + ours):
-                key = key[: len(key) - len(ours)] + theirs
-                break
-        out[key] = value
-    return out
-
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The module inside DDP / DataParallel / EMATeacher / torch.compile wrappers."""
@@ -240,161 +182,3 @@ def make_official_checkpoint(
         checkpoint["args"] = _plain(dict(args))
     checkpoint.update(extra)
     return checkpoint
-
-
-# ------------------------------------------------------------------------------ official import
-
-def strip_prefixes(state: Mapping[str, Any], prefixes: Iterable[str] = _WRAPPER_PREFIXES) -> dict[str, Any]:
-    """``state`` with the leading ``prefixes`` (any number, in any order) removed from every key.
-
-    Only prefixes are removed: ``module.backbone.blocks.0...`` -> ``blocks.0...`` but a
-    ``backbone.`` inside a key is kept (the official loader replaces it anywhere).
-    """
-    prefixes = tuple(prefixes)
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        if key in out:
-            raise CheckpointError(f"two keys become {key!r} once the prefixes {prefixes} are removed")
-        out[key] = value
-    return out
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    )
-
-
-def _split_backbone_head(state: Mapping[str, Tensor], path: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    state = strip_prefixes(state, ("module.",))
-    if not any(k.startswith("backbone.") for k in state):
-        return dict(state), {}  # a backbone-only file: its keys are the backbone's own
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    other = [k for k in state if not k.startswith(("backbone.", "head."))]
-    if other:
-        raise CheckpointError(f"checkpoint {path!r}: keys outside backbone./head.: {other[:5]}")
-    return backbone, head
-
-
-def read_checkpoint(path: PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
-    """The top-level dict of a checkpoint file, ours or official, loaded safely.
-
-    Args:
-        trusted: official full checkpoints hold a pickled ``argparse.Namespace``, which safe
-            loading refuses. ``trusted=True`` loads with ``weights_only=False``. **Unpickling can
-            execute arbitrary code: only pass True for files from a source you trust.**
-
-    Raises CheckpointError: unreadable or corrupt file, untrusted objects, or not a dict.
-    """
-    path = os.fspath(path)
-    try:
-        raw = _torch_load(path, map_location, weights_only=True)
-    except CheckpointError as err:
-        if not (trusted and _untrusted_global(err.__cause__) is not None):
-            raise
-        warnings.warn(f"loading {path!r} with weights_only=False (trusted=True): unpickling runs code", stacklevel=2)
-        raw = _torch_load(path, map_location, weights_only=False)
-    if not isinstance(raw, Mapping):
-        raise CheckpointError(f"checkpoint {path!r} holds a {type(raw).__name__}, expected a dict")
-    return dict(raw)
-
-
-def load_official_weights(
-    path: PathLike,
-    *,
-    checkpoint_key: str = "teacher",
-    trusted: bool = False,
-    map_location: Any = "cpu",
-    checkpoint: Optional[Mapping[str, Any]] = None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(backbone_state, head_state)`` from an official DINO file or one of ours.
-
-    Accepts a full training checkpoint (``student`` / ``teacher`` entries with ``module.``,
-    ``backbone.`` and ``head.`` prefixes; the entry ``checkpoint_key`` is used) or a backbone-only
-    state_dict as released on the DINO model zoo (then ``head_state`` is empty). The prefixes
-    ``module.`` and ``backbone.`` are removed as prefixes; head keys keep the official
-    ``last_layer.weight_g`` / ``weight_v`` names, which :class:`DINOHead` maps on load.
-
-    Args:
-        trusted: see :func:`read_checkpoint`.
-        checkpoint: the file's dict when the caller has read it already (:func:`read_checkpoint`);
-            ``path`` then only names it in messages.
-
-    Raises:
-        CheckpointError: unreadable or corrupt file, untrusted objects without ``trusted=True``,
-            or no state dict under ``checkpoint_key``.
-    """
-    path = os.fspath(path)
-    raw = read_checkpoint(path, trusted=trusted, map_location=map_location) if checkpoint is None else checkpoint
-    if checkpoint_key in raw and isinstance(raw[checkpoint_key], Mapping):
-        state = raw[checkpoint_key]
-    elif _is_state_dict(raw):
-        state = raw
-    else:
-        entries = sorted(k for k, v in raw.items() if isinstance(v, Mapping))
-        raise CheckpointError(
-            f"checkpoint {path!r} has no state dict under checkpoint_key={checkpoint_key!r}; "
-            f"its dict entries are {entries}"
-        )
-    if not _is_state_dict(state):
-        raise CheckpointError(f"checkpoint {path!r}: entry {checkpoint_key!r} is not a {{name: tensor}} state dict")
-    return _split_backbone_head(state, path)
-
-
-def _expected_keys(module: nn.Module) -> dict[str, torch.Size]:
-    return {k: v.shape for k, v in official_state_dict(module.state_dict()).items()}
-
-
-def _check_fit(module: nn.Module, state: Mapping[str, Tensor], what: str, path: str) -> None:
-    expected = _expected_keys(module)
-    given = official_state_dict(state)  # compare in one naming: the official one
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(given[k].shape)} vs model {tuple(expected[k])}"
-        for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k])
-    ]
-    if missing or unexpected or mismatched:
-        problems = "; ".join(
-            f"{kind}: {keys[:8]}" + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-            for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys
-        )
-        raise CheckpointError(f"checkpoint {path!r} does not fit the {what} ({type(module).__name__}): {problems}")
-
-
-def load_into(
-    model_backbone: nn.Module,
-    head: Optional[nn.Module],
-    path: PathLike,
-    *,
-    checkpoint_key: str = "teacher",
-    trusted: bool = False,
-    map_location: Any = "cpu",
-    checkpoint: Optional[Mapping[str, Any]] = None,
-) -> None:
-    """Load the weights of ``path`` (see :func:`load_official_weights`) strictly.
-
-    The backbone always, the head when given (``head=None`` deliberately ignores head weights).
-    Every key must match in name and shape; otherwise a :class:`CheckpointError` lists the missing,
-    unexpected and mismatched keys and nothing is loaded (the official code loads with
-    ``strict=False`` and drops mismatches silently).
-    """
-    path = os.fspath(path)
-    backbone_state, head_state = load_official_weights(
-        path, checkpoint_key=checkpoint_key, trusted=trusted, map_location=map_location, checkpoint=checkpoint
-    )
-    _check_fit(model_backbone, backbone_state, "backbone", path)
-    if head is not None:
-        if not head_state:
-            raise CheckpointError(f"checkpoint {path!r} holds a backbone only; pass head=None to load it")
-        _check_fit(head, head_state, "head", path)
-    model_backbone.load_state_dict(backbone_state, strict=True)
-    if head is not None:
-        head.load_state_dict(head_state, strict=True)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .checkpoint import make_official_checkpoint
 from .diagnostics import collapse_metrics
-from .features import as_feature_extractor, feature_dim_hint, infer_feature_dim
+from .features import as_feature_extractor, feature_dim_hint, first_conv_channels, infer_feature_dim
 from .head import DINOHead
 from .koleo import KoLeoLoss
 from .loss import DINOLoss
@@ -119,6 +119,8 @@ class DINO(nn.Module):
         if schedules is not None and not isinstance(schedules, DINOSchedules):
             raise TypeError(f"schedules is a {type(schedules).__name__}, expected a DINOSchedules or None")
         features = as_feature_extractor(backbone)
+        # Input channels, to name a mismatch before the backbone's first conv fails on it.
+        self.in_chans: Optional[int] = input_size[0] if input_size is not None else first_conv_channels(features)
         if embed_dim is None:
             try:
                 embed_dim = infer_feature_dim(features, input_size)
@@ -186,6 +188,13 @@ class DINO(nn.Module):
             raise ValueError(
                 f"views has {len(views)} tensors, expected at least num_global_views={self.num_global_views}"
             )
+        for i, v in enumerate(views):
+            if self.in_chans is not None and isinstance(v, Tensor) and v.ndim == 4 and v.shape[1] != self.in_chans:
+                raise ValueError(
+                    f"views[{i}] has {v.shape[1]} channels, but the backbone takes {self.in_chans}; convert "
+                    f"the images (e.g. MultiCropRecipe mean/std of length {self.in_chans}) or build the "
+                    f"backbone with in_chans={v.shape[1]}"
+                )
         teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
         student_out, features = self._student_forward(list(views), return_backbone_feats=True)
         # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.

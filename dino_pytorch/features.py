@@ -6,6 +6,7 @@ user's object, so the trained weights live there.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -132,6 +133,9 @@ def as_feature_extractor(backbone: nn.Module) -> nn.Module:
     """
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone is a {type(backbone).__name__}, expected an nn.Module")
+    if next(backbone.parameters(), None) is None:
+        warnings.warn(f"backbone ({type(backbone).__name__}) has no parameters: DINO will train only the head; "
+                      "pass the network whose weights should learn", UserWarning, stacklevel=2)
     if hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head"):
         return TimmFeatures(backbone)
     name = find_classifier(backbone)
@@ -140,7 +144,8 @@ def as_feature_extractor(backbone: nn.Module) -> nn.Module:
     return _traced_without(backbone, name) or BypassClassifier(backbone, name)
 
 
-def _first_conv_channels(module: nn.Module) -> Optional[int]:
+def first_conv_channels(module: nn.Module) -> Optional[int]:
+    """Input channels of the first Conv2d in ``module`` (None without one)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d,)):
             return m.in_channels
@@ -154,7 +159,7 @@ def infer_feature_dim(features: nn.Module, input_size: Optional[Sequence[int]] =
     one). The forward runs in eval mode under no_grad, so BatchNorm statistics are not touched.
     """
     if input_size is None:
-        input_size = (_first_conv_channels(features) or 3, 224, 224)
+        input_size = (first_conv_channels(features) or 3, 224, 224)
     param = next(features.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -106,6 +106,11 @@ class DINOHead(nn.Module):
         For :func:`dino_pytorch.ops.fused_last_layer_cross_entropy`, which applies the last layer
         inside the loss; ``forward(x) == last_layer(forward_bottleneck(x))``.
         """
+        if x.ndim < 1 or x.shape[-1] != self.in_dim:  # shapes are metadata: no sync
+            raise ValueError(
+                f"DINOHead(in_dim={self.in_dim}) got an input of shape {tuple(x.shape)}: its last dimension "
+                f"must equal in_dim={self.in_dim} (the backbone's feature width)"
+            )
         x = self.mlp(x)
         # eps 1e-12 underflows to 0 in float16; 1e-6 is the smallest safe clamp there (as DINOv2).
         # Under autocast the norm runs in float32, so the official 1e-12 is kept there.
@@ -119,13 +124,7 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, in_dim) -> (N, out_dim) logits."""
-        x = self.mlp(x)
-        # eps 1e-12 underflows to 0 in float16; 1e-6 is the smallest safe clamp there (as DINOv2).
-        # Under autocast the norm runs in float32, so the official 1e-12 is kept there.
-        half = x.dtype == torch.float16 and not torch.is_autocast_enabled(x.device.type)
-        eps = 1e-6 if half else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        return self.last_layer(self.forward_bottleneck(x))
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, norm_last_layer={self.norm_last_layer}"

@@ -23,11 +23,25 @@ def cosine_scheduler(
     A linear warm-up from ``start_warmup_value`` to ``base_value`` over ``warmup_epochs`` epochs
     (``np.linspace`` with both endpoints, so ``base_value`` appears twice at the joint), then a half
     cosine from ``base_value`` towards ``final_value`` that never quite reaches it. Element for
-    element the same array as the official ``utils.cosine_scheduler``.
+    element the same array as the official ``utils.cosine_scheduler``. With ``warmup_epochs ==
+    epochs`` the whole array is the warm-up, as official.
+
+    Raises:
+        ValueError: no iterations (``epochs`` or ``niter_per_ep`` is 0), a negative count, more
+            warm-up than epochs, or a non-finite value (each naming the argument).
     """
     for name, value in (("epochs", epochs), ("niter_per_ep", niter_per_ep), ("warmup_epochs", warmup_epochs)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"cosine_scheduler: {name}={value!r}, expected a non-negative int")
+    for name, number in (("base_value", base_value), ("final_value", final_value),
+                         ("start_warmup_value", start_warmup_value)):
+        check_float(f"cosine_scheduler: {name}", float(number) if isinstance(number, np.floating) else number,
+                    error=TypeError)
+    if epochs * niter_per_ep == 0:
+        raise ValueError(
+            f"cosine_scheduler: epochs={epochs} x niter_per_ep={niter_per_ep} is 0 iterations; "
+            "expected at least one (both positive)"
+        )
     if warmup_epochs > epochs:
         raise ValueError(
             f"cosine_scheduler: warmup_epochs={warmup_epochs} exceeds epochs={epochs}; "

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from dino_pytorch.checkpoint import (
     load_official_weights,
     make_official_checkpoint,
     official_state_dict,
+    read_checkpoint,
     save_checkpoint,
     strip_prefixes,
 )
@@ -182,11 +184,30 @@ def test_safe_loading_refuses_pickled_code(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.ones(1), "payload": Evil()}, path)
-    with pytest.raises(CheckpointError, match="safe loading"):
-        load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="trusted=True"):
-        load_official_weights(path)
+    for load in (load_checkpoint, load_official_weights):
+        with pytest.raises(CheckpointError, match="global getattr, which safe loading refuses: unpickling it can "
+                                                  "run code") as info:
+            load(path)
+        message = str(info.value).replace(str(tmp_path), "")
+        assert "trusted" not in message and "weights_only=False" not in message
     assert not marker.exists()
+
+
+class _MyConfig:
+    """An object of the user's own, pickled into a file the user made."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def test_trusted_is_for_files_you_made(tmp_path):
+    path = tmp_path / "mine.pth"
+    torch.save({"w": torch.ones(1), "config": _MyConfig(3)}, path)
+    with pytest.raises(CheckpointError, match="_MyConfig") as info:
+        read_checkpoint(path)
+    assert "trusted" not in str(info.value).replace(str(tmp_path), "")
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        assert read_checkpoint(path, trusted=True)["config"].value == 3
 
 
 def test_non_dict_checkpoint(tmp_path):
@@ -266,36 +287,51 @@ def test_round_trip_into_vit_and_head(tmp_path, key):
 
 
 def _official_full_checkpoint(path, student, teacher):
-    """What official main_dino.py writes: DDP student keys, weight_g/v, a pickled Namespace."""
+    """What official main_dino.py writes: DDP student keys, weight_g/v, a pickled Namespace, numpy
+    float64 lr / weight decay in the optimizer's param groups."""
     student_state = {f"module.{k}": v for k, v in official_state_dict(student.state_dict()).items()}
     teacher_state = official_state_dict(teacher.module.state_dict())
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = np.linspace(0.0, 0.1, 5)[3], np.float64(0.04)
     torch.save({
         "student": student_state,
         "teacher": teacher_state,
-        "optimizer": torch.optim.SGD(student.parameters(), lr=0.1).state_dict(),
+        "optimizer": optimizer.state_dict(),
         "epoch": 100,
-        "args": argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=32),
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=32, global_crops_scale=(0.4, 1.0),
+                                   local_crops_scale=[0.05, 0.4], output_dir="/out", use_fp16=True),
         "dino_loss": {"center": torch.zeros(1, 32)},
+        "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                        "_growth_tracker": 0},
     }, path)
 
 
-def test_official_full_checkpoint_needs_trust(tmp_path):
+def test_official_full_checkpoint_loads_without_trust(tmp_path, recwarn):
     student, teacher = student_and_teacher()
     path = tmp_path / "official.pth"
     _official_full_checkpoint(path, student, teacher)
-    with pytest.raises(CheckpointError, match=r"argparse\.Namespace.*trusted=True"):
-        load_official_weights(path)
-    with pytest.warns(UserWarning, match="weights_only=False"):
-        backbone_state, head_state = load_official_weights(path, trusted=True)
+    raw = read_checkpoint(path)
+    assert isinstance(raw["args"], argparse.Namespace) and raw["args"].patch_size == 8
+    assert isinstance(raw["optimizer"]["param_groups"][0]["lr"], np.float64)
+    assert load_checkpoint(path)["epoch"] == 100
+    backbone_state, head_state = load_official_weights(path)
     assert "pos_embed" in backbone_state and "blocks.1.attn.qkv.weight" in backbone_state
     assert "last_layer.weight_g" in head_state and "mlp.0.weight" in head_state
     backbone, head = tiny_vit(), tiny_head()
-    with pytest.warns(UserWarning):
-        load_into(backbone, head, path, trusted=True)
+    load_into(backbone, head, path)
     assert torch.equal(outputs(MultiCropWrapper(backbone, head), X), outputs(teacher.module, X))
-    with pytest.warns(UserWarning):
-        load_into(backbone, head, path, trusted=True, checkpoint_key="student")
+    load_into(backbone, head, path, checkpoint_key="student")
     assert torch.equal(outputs(MultiCropWrapper(backbone, head), X), outputs(student, X))
+    assert not [w for w in recwarn if "weights_only" in str(w.message)]
+
+
+def test_allowlist_is_scoped_to_the_load(tmp_path):
+    path = tmp_path / "ns.pth"
+    torch.save({"args": argparse.Namespace(a=1)}, path)
+    assert read_checkpoint(path)["args"].a == 1
+    with pytest.raises(Exception, match="argparse.Namespace"):  # no process-global allowlisting
+        torch.load(path, weights_only=True)
 
 
 def test_backbone_only_file(tmp_path):

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -44,3 +46,12 @@ def test_bad_arguments():
         cosine_scheduler(1, 0, 3, 10, warmup_epochs=4)
     with pytest.raises(ValueError, match="niter_per_ep"):
         cosine_scheduler(1, 0, 3, -1)
+
+
+def test_cosine_scheduler_refuses_empty_and_non_finite_schedules():
+    for args, word in (((1, 0, 0, 10), "epochs=0"), ((1, 0, 5, 0), "niter_per_ep=0"),
+                       ((math.nan, 0, 5, 2), "base_value=nan"), ((1, math.inf, 5, 2), "final_value=inf")):
+        with pytest.raises(ValueError, match=word):
+            cosine_scheduler(*args)
+    # all warm-up (warmup_epochs == epochs) is a full-length schedule, as official
+    assert list(cosine_scheduler(1.0, 0.0, 2, 2, warmup_epochs=2)) == [0.0, 1 / 3, 2 / 3, 1.0]

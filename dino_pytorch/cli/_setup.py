@@ -6,10 +6,12 @@ The library never imports this module; each program is a short ``main`` over the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,6 +24,8 @@ from ..model_config import build_backbone, make_model_config, read_model_config
 
 VIT_PREFIX = "vit_"
 DEBUG_ENV = "DINO_PYTORCH_DEBUG"
+TRUST_HELP = ("only for a file you made yourself that pickles other Python objects: unpickle it with "
+              "weights_only=False, which runs any code it holds. Official checkpoints need no flag")
 
 
 class UsageError(Exception):
@@ -29,15 +33,78 @@ class UsageError(Exception):
 
 
 def run_program(prog: str, main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]]) -> Any:
-    """Run ``main(argv)``; user errors end in one line on stderr and exit 2 (a traceback only
-    with ``DINO_PYTORCH_DEBUG=1``)."""
+    """Run ``main(argv)``; user errors end in one line on stderr and exit 2 (a traceback too only
+    with ``--debug`` or ``DINO_PYTORCH_DEBUG=1``)."""
     try:
         return main(argv)
     except (UsageError, CheckpointError, FileNotFoundError) as err:
-        if os.environ.get(DEBUG_ENV) == "1":
+        if os.environ.get(DEBUG_ENV) == "1" or "--debug" in (sys.argv[1:] if argv is None else list(argv)):
             traceback.print_exc()
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help=f"on a user error, also print the Python traceback (as {DEBUG_ENV}=1)")
+
+
+@contextlib.contextmanager
+def setup_phase() -> Iterator[None]:
+    """Set-up from flag values (models, data): a ValueError or TypeError the library raises on a
+    value becomes a one-line user error. Only around set-up, never around training, where such an
+    error is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from err
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int>=1": (lambda v: v >= 1, "a positive int"),
+    "int>=0": (lambda v: v >= 0, "an int >= 0"),
+    ">0": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ">=0": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "<=1": (lambda v: math.isfinite(v) and v <= 1, "a finite number <= 1"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "[0,1)": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+}
+
+
+def _check_path(name: str, path: str, rule: str) -> None:
+    shown = f"--{name} {path!r}"
+    if rule == "file" and not os.path.isfile(path):
+        raise UsageError(f"{shown}: {'is a directory' if os.path.isdir(path) else 'no such file'}, expected a file")
+    if rule == "dir" and not os.path.isdir(path):
+        raise UsageError(f"{shown}: {'is a file' if os.path.exists(path) else 'no such directory'}, "
+                         "expected an existing directory")
+    if rule == "outdir" and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{shown} is a file, expected a directory (created when missing)")
+
+
+def check_flags(args: argparse.Namespace, **rules: str) -> None:
+    """Each flag (``name=rule``; skipped when unset) against its rule, before any work starts: the
+    first failure is a one-line error naming the flag, the value and what was expected."""
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        if value is None or value == "":
+            continue
+        if rule in ("file", "dir", "outdir"):
+            _check_path(name, value, rule)
+            continue
+        ok, what = _CHECKS[rule]
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if not all(ok(item) for item in items):
+            shown = " ".join(map(str, items))
+            raise UsageError(f"--{name} {shown}: expected {what}")
+
+
+EVAL_FLAG_RULES = dict(patch_size="int>=1", vit_depth="int>=1", vit_embed_dim="int>=1", width="int>=1",
+                       pool="int>=1", in_chans="int>=1", img_size="int>=1", subset="int>=1",
+                       batch_size_per_gpu="int>=1", num_workers="int>=0", pretrained_weights="file",
+                       data_path="dir")
 
 
 _TRUE, _FALSE = ("true", "1", "on", "yes", "t", "y"), ("false", "0", "off", "no", "f", "n")
@@ -76,8 +143,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint_key", default="teacher",
                         help='entry of a full checkpoint ("teacher" or "student")')
     parser.add_argument("--trusted_checkpoint", type=bool_flag, nargs="?", const=True, default=False,
-                        help="allow unpickling (weights_only=False), needed by official full training checkpoints "
-                             "(they hold an argparse Namespace); only for files you trust")
+                        help=TRUST_HELP)
     parser.add_argument("--in_chans", type=int, default=None,
                         help="model input channels for a file without stored configuration (default: 1 for "
                              "fashion_mnist, else 3; grey images are repeated)")
@@ -94,19 +160,23 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size_per_gpu", type=int, default=128, help="batch size of the data loaders")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--num_workers", type=int, default=4, help="data loader workers")
+    add_debug_flag(parser)
 
 
 def eval_setup(args: argparse.Namespace, train_augment: bool) -> tuple[nn.Module, Dataset, Dataset, torch.device]:
     """(frozen backbone, train set, test set, device) of an evaluation program; the data are
-    prepared as the checkpoint's configuration says (dataset, channels, image size)."""
+    prepared as the checkpoint's configuration says (dataset, channels, image size). The flags
+    are checked first (:data:`EVAL_FLAG_RULES`)."""
+    check_flags(args, **EVAL_FLAG_RULES)
     device = resolve_device(args.device)
-    model, config = backbone_for_eval(args, device)
-    data = config["data"]
-    dataset = args.dataset or data.get("dataset") or "imagefolder"
-    channels = data.get("in_chans") or image_channels(dataset, config["arch"])
-    size = data.get("image_size") or (28 if dataset == "fashion_mnist" else 224)
-    train_set, test_set = eval_datasets(dataset, args.data_path, channels, size, train_augment=train_augment,
-                                        subset=args.subset)
+    with setup_phase():
+        model, config = backbone_for_eval(args, device)
+        data = config["data"]
+        dataset = args.dataset or data.get("dataset") or "imagefolder"
+        channels = data.get("in_chans") or image_channels(dataset, config["arch"])
+        size = data.get("image_size") or (28 if dataset == "fashion_mnist" else 224)
+        train_set, test_set = eval_datasets(dataset, args.data_path, channels, size, train_augment=train_augment,
+                                            subset=args.subset)
     return model, train_set, test_set, device
 
 

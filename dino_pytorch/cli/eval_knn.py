@@ -7,11 +7,22 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 from collections.abc import Sequence
 from typing import Optional
 
+from ..checkpoint import refused_global
 from ..eval.knn import extract_features, knn_eval, load_features, save_features
-from ._setup import add_eval_args, eval_setup, make_loader, resolve_device, run_program
+from ._setup import (
+    UsageError,
+    add_eval_args,
+    check_flags,
+    eval_setup,
+    make_loader,
+    resolve_device,
+    run_program,
+    setup_phase,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +55,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> dict[int, tuple[float, float]]:
     args = build_parser().parse_args(argv)
+    check_flags(args, nb_knn="int>=1", temperature=">0", chunk_size="int>=1", load_features="dir",
+                dump_features="outdir")
     if args.load_features:
         device = resolve_device(args.device)
-        (train_f, train_l), (test_f, test_l) = load_features(args.load_features)
+        try:
+            with setup_phase():
+                (train_f, train_l), (test_f, test_l) = load_features(args.load_features)
+        except pickle.UnpicklingError as err:
+            name = refused_global(err) or "an object that is not a tensor"
+            raise UsageError(f"--load_features {args.load_features!r}: a feature file refers to {name}, which safe "
+                             "loading refuses: unpickling it can run code") from None
     else:
         model, train_set, test_set, device = eval_setup(args, train_augment=False)
         print(f"Extracting features of {len(train_set)} train and {len(test_set)} test images.")  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from ..eval.linear import num_labels, train_linear_probe
-from ._setup import add_eval_args, bool_flag, eval_setup, make_loader, output_dir, run_program
+from ._setup import add_eval_args, bool_flag, check_flags, eval_setup, make_loader, output_dir, run_program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    check_flags(args, n_last_blocks="int>=1", epochs="int>=1", lr=">0", num_labels="int>=1", val_freq="int>=1",
+                output_dir="outdir")
     model, train_set, val_set, device = eval_setup(args, train_augment=not args.precompute_features)
     out = output_dir(args.output_dir)
     log_path = out / "log.txt"

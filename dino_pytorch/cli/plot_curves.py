@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Optional
 
-from ._setup import UsageError, run_program
+from ._setup import UsageError, add_debug_flag, run_program
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -16,7 +17,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log", help="metrics.jsonl or the official log.txt (one JSON object per line)")
     parser.add_argument("out_png", help="the picture to write")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.log):
+        raise UsageError(f"log {args.log!r}: {'is a directory' if os.path.isdir(args.log) else 'no such file'}, "
+                         "expected metrics.jsonl or log.txt")
+    if os.path.isdir(args.out_png):
+        raise UsageError(f"out_png {args.out_png!r} is a directory, expected a file name (e.g. curves.png)")
     try:
         from ..curves import plot_curves
 

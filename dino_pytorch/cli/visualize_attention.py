@@ -20,7 +20,17 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, load_into, load_official_weights, read_checkpoint
 from ..model_config import build_backbone, is_vit, read_model_config
-from ._setup import UsageError, dataset_stats, resolve_device, run_program
+from ._setup import (
+    TRUST_HELP,
+    UsageError,
+    add_debug_flag,
+    bool_flag,
+    check_flags,
+    dataset_stats,
+    resolve_device,
+    run_program,
+    setup_phase,
+)
 
 VITS = ("vit_tiny", "vit_small", "vit_base")
 
@@ -37,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_weights", default=None,
                    help="a dino-train checkpoint, an official full checkpoint or a model-zoo backbone file")
     p.add_argument("--checkpoint_key", default="teacher", help="entry of a full checkpoint to use")
-    p.add_argument("--trusted_checkpoint", "--trusted", dest="trusted_checkpoint", action="store_true",
-                   help="allow unpickling arbitrary objects (official full checkpoints); trusted files only")
+    p.add_argument("--trusted_checkpoint", type=bool_flag, nargs="?", const=True, default=False, help=TRUST_HELP)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image_path", help="any image file PIL can open")
     source.add_argument("--fashion_mnist_index", type=int, help="index of a Fashion-MNIST test image")
@@ -48,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this fraction of the attention mass in the masks; a negative value writes no masks")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_debug_flag(p)
     return p
 
 
@@ -143,14 +153,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..attention import attention_maps, crop_to_patches, save_attention_pngs
 
     args = build_parser().parse_args(argv)
+    check_flags(args, patch_size="int>=1", image_size="int>=1", threshold="<=1", fashion_mnist_index="int>=0",
+                pretrained_weights="file", image_path="file", output_dir="outdir")
+    device = resolve_device(args.device)
     try:
-        model, prep = build_model(args)
+        with setup_phase():
+            model, prep = build_model(args)
     except CheckpointError as err:
         raise UsageError(f"--pretrained_weights {args.pretrained_weights}: {err}") from None
-    device = resolve_device(args.device)
     model.to(device).eval()
     patch = prep["patch_size"]
-    image = crop_to_patches(load_image(args, prep), patch)
+    with setup_phase():
+        image = crop_to_patches(load_image(args, prep), patch)
     attentions = attention_maps(model, image, patch)
     threshold = args.threshold if args.threshold >= 0 else None
     try:
