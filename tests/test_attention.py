@@ -11,6 +11,7 @@ from dino_pytorch.attention import (  # noqa: E402
     upsample,
 )
 from dino_pytorch.models import vit_tiny  # noqa: E402
+from reference_vit import reference_vit
 
 
 def tiny_vit(in_chans=3):
@@ -73,12 +74,19 @@ def test_upsample_is_nearest_by_patch_size():
 
 def test_attention_maps_shape_and_values():
     model = tiny_vit().train()
+    with torch.no_grad():  # peaked attention (at init it is nearly uniform): values that tell rows apart
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(5)
     image = torch.randn(3, 37, 45)  # cropped to 32 x 40: a 4 x 5 patch grid
     maps = attention_maps(model, image)
     assert maps.shape == (3, 4, 5) and model.training  # mode restored
     with torch.no_grad():
         attn = model.eval().get_last_selfattention(image[None, :, :32, :40])
     assert torch.equal(maps, attn[0, :, 0, 1:].reshape(3, 4, 5))
+    # Values: the CLS row of a naive float64 softmax(q k^T / sqrt(d)) per head of the last block,
+    # computed from the model's weights (position table interpolated to the 4 x 5 grid).
+    ref = reference_vit(model.state_dict(), image[None, :, :32, :40], patch_size=8, num_heads=3)["last_attention"]
+    torch.testing.assert_close(maps.double(), ref[0, :, 0, 1:].reshape(3, 4, 5), rtol=1e-4, atol=5e-6)
     assert ((maps.sum(dim=(1, 2)) > 0) & (maps.sum(dim=(1, 2)) < 1)).all()
     with pytest.raises(ValueError, match="patch_size=16"):
         attention_maps(model, image, patch_size=16)

@@ -55,10 +55,29 @@ def test_cli_extracts_dumps_and_reloads(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch,dim", [("convnet", 128), ("resnet18", 512)])
 def test_cli_non_vit_archs(arch, dim, tmp_path):
     # resnet18 takes 3 channels: the grey images are repeated; its fc is replaced by Identity.
+    from dino_pytorch.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
+    from dino_pytorch.models import create_model
+
+    torch.manual_seed(0)
+    kwargs = {"in_chans": 1, "width": 32, "pool": 1} if arch == "convnet" else {}
+    model = create_model(arch, **kwargs)
+    if arch == "resnet18":
+        model.fc = torch.nn.Identity()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ckpt.pth")
     eval_knn.evaluate(["--arch", arch, "--dataset", "fashion_mnist", "--subset", "16", "--nb_knn", "3",
-                     "--device", "cpu", "--num_workers", "0", "--dump_features", str(tmp_path)])
-    (train_f, _), _ = knn_module.load_features(str(tmp_path))
-    assert train_f.shape == (16, dim)
+                     "--pretrained_weights", str(tmp_path / "ckpt.pth"), "--device", "cpu", "--num_workers", "0",
+                     "--dump_features", str(tmp_path / "feats")])
+    (train_f, train_l), (test_f, _) = knn_module.load_features(str(tmp_path / "feats"))
+    assert train_f.shape == (16, dim) and test_f.shape == (16, dim)
+    # Values: the dump equals F.normalize(model(x)) computed directly on the normalised images.
+    data = FashionMNIST(train=True)
+    images = (data.images[:16].float() / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    if arch == "resnet18":
+        images = images.expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        expected = F.normalize(model.eval()(images), dim=1)
+    torch.testing.assert_close(train_f, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(train_l, data.labels[:16])
 
 
 def test_cli_full_with_tiny_vit_and_weights(tmp_path):

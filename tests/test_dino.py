@@ -1,3 +1,4 @@
+import copy
 import re
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from torch import nn
 
 import dino_pytorch
 from dino_pytorch import DINO
+from reference import official_loss
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -44,29 +46,41 @@ def run_readme(backbone, v):
     code = readme_snippet()
     # The snippet's loss must be usable: run it, then backward + step between its lines 2 and 3.
     first, second, third = [line for line in code.splitlines() if line.strip()]
-    exec(first + "\n" + second, namespace)
-    dino, loss = namespace["dino"], namespace["loss"]
+    exec(first, namespace)
+    dino = namespace["dino"]
+    # Copies of the networks as they are before the snippet's forward: the hand-composed reference.
+    student, teacher = copy.deepcopy(dino.student), copy.deepcopy(dino.teacher.module)
+    exec(second, namespace)
+    loss = namespace["loss"]
+    with torch.no_grad():
+        teacher_out, student_out = teacher(v[:2]), student(v)
+    out_dim = student_out.shape[-1]
+    reference = official_loss(student_out, teacher_out, torch.zeros(1, out_dim), teacher_temp=0.04)
     opt = torch.optim.SGD([p for p in dino.parameters() if p.requires_grad], lr=0.1)
     loss.backward()
     opt.step()
     teacher_before = [p.clone() for p in dino.teacher.parameters()]
     exec(third, namespace)
-    return dino, loss, teacher_before
+    return dino, loss, teacher_before, reference
 
 
-def check_after_step(dino, loss, teacher_before):
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    assert abs(loss.item()) > 0
+def check_after_step(dino, loss, teacher_before, reference):
+    ref_loss, ref_center = reference
+    assert loss.ndim == 0 and loss.dtype == torch.float32
+    # The loss equals the official per-pair loss of the student / teacher outputs composed by hand.
+    assert abs(loss.double() - ref_loss).item() <= 1e-5 * ref_loss.abs().item()
     changed = [not torch.equal(a, b) for a, b in zip(teacher_before, dino.teacher.parameters())]
     assert any(changed)  # EMA moved the teacher towards the stepped student
-    assert torch.count_nonzero(dino.criterion.center) > 0  # centre applied once
+    # The centre was applied once, from this step's raw teacher logits.
+    torch.testing.assert_close(dino.criterion.center.double(), ref_center, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_readme_snippet_torchvision_resnet18():
     backbone = torchvision.models.resnet18()
     fc = backbone.fc
-    dino, loss, before = run_readme(backbone, views())
-    check_after_step(dino, loss, before)
+    dino, loss, before, ref = run_readme(backbone, views())
+    check_after_step(dino, loss, before, ref)
     assert backbone.fc is fc  # not edited
     assert dino.student.head.in_dim == 512
     # The classifier is bypassed: fc takes no part, so it gets no gradient.
@@ -74,19 +88,20 @@ def test_readme_snippet_torchvision_resnet18():
     assert backbone.conv1.weight.grad is not None  # trained weights live in the user's object
 
 
+@pytest.mark.slow
 def test_readme_snippet_timm_vit():
     import timm  # the [dev] extra, which `make test` installs
     backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, dynamic_img_size=True)
-    dino, loss, before = run_readme(backbone, views(size=32, local=16))
-    check_after_step(dino, loss, before)
+    dino, loss, before, ref = run_readme(backbone, views(size=32, local=16))
+    check_after_step(dino, loss, before, ref)
     assert dino.student.head.in_dim == 192
     assert backbone.head.weight.grad is None
 
 
 def test_readme_snippet_custom_module():
     backbone = Custom()
-    dino, loss, before = run_readme(backbone, views(channels=1, size=28, local=12))
-    check_after_step(dino, loss, before)
+    dino, loss, before, ref = run_readme(backbone, views(channels=1, size=28, local=12))
+    check_after_step(dino, loss, before, ref)
     assert dino.student.head.in_dim == 24 and dino.backbone is backbone
 
 

@@ -88,6 +88,51 @@ def test_layer_indices_with_and_without_bn():
     assert isinstance(DINOHead(8, 4, nlayers=0).mlp, torch.nn.Linear)  # official max(nlayers, 1)
 
 
+def random_official_state(head, seed=0):
+    """Random values for every entry of ``head``'s official-layout state_dict (BN statistics too)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in head.official_state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = value.clone()
+        elif name.endswith("running_var") or name == "last_layer.weight_g":
+            state[name] = torch.rand(value.shape, generator=g) + 0.5
+        else:
+            state[name] = torch.randn(value.shape, generator=g) * 0.3
+    return state
+
+
+@pytest.mark.parametrize("nlayers, use_bn", [(1, False), (2, False), (4, False), (2, True), (3, True), (4, True)])
+def test_depths_and_batchnorm_match_official_forward_in_eval_mode(nlayers, use_bn):
+    head = DINOHead(12, 40, use_bn=use_bn, nlayers=nlayers, hidden_dim=20, bottleneck_dim=6, norm_last_layer=False)
+    state = random_official_state(head, seed=nlayers)
+    head.load_state_dict(copy.deepcopy(state))
+    x = torch.randn(7, 12, generator=torch.Generator().manual_seed(1))
+    ref = official_head_forward(state, x, nlayers=nlayers, use_bn=use_bn)
+    out = head.eval()(x)
+    assert out.shape == (7, 40)
+    assert (out.double() - ref).abs().max() / ref.abs().max() <= 1e-5
+    if use_bn:  # BN really acts: without it the numbers are different
+        plain = {k: v for k, v in state.items()}
+        for k in [k for k in state if k.endswith("running_mean")]:
+            plain[k] = torch.zeros_like(state[k])
+        bn_off = official_head_forward(plain, x, nlayers=nlayers, use_bn=True)
+        assert (bn_off - ref).abs().max() / ref.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("nlayers", [2, 3])
+def test_batchnorm_in_train_mode_uses_batch_statistics(nlayers):
+    head = DINOHead(12, 40, use_bn=True, nlayers=nlayers, hidden_dim=20, bottleneck_dim=6, norm_last_layer=False)
+    state = random_official_state(head, seed=5)
+    head.load_state_dict(copy.deepcopy(state))
+    x = torch.randn(9, 12, generator=torch.Generator().manual_seed(2))
+    ref = official_head_forward(state, x, nlayers=nlayers, use_bn=True, bn_training=True)
+    out = head.train()(x)
+    assert (out.double() - ref).abs().max() / ref.abs().max() <= 1e-5
+    eval_ref = official_head_forward(state, x, nlayers=nlayers, use_bn=True)
+    assert (eval_ref - ref).abs().max() / ref.abs().max() > 1e-2  # the two modes differ on this input
+
+
 def test_no_deprecation_warning_and_deepcopyable():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -120,6 +120,11 @@ def test_probe_learns_separable_problem_with_precomputed_features(tmp_path):
     assert lrs == pytest.approx(expected)
     state = torch.load(path, weights_only=True)
     assert state["epoch"] == 4 and state["best_acc"] == result["best_top1"]
+    # The logged accuracy is the saved classifier's, recomputed here by hand (features = inputs).
+    x, y = val.dataset.tensors
+    weights = {k: v.double() for k, v in state["state_dict"].items()}
+    logits = x.double() @ weights["linear.weight"].t() + weights["linear.bias"]
+    assert result["final_top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).double().mean().item(), abs=1e-9)
     assert set(state["state_dict"]) == {"linear.weight", "linear.bias"}
     assert {"optimizer", "scheduler"} <= set(state)
 
@@ -135,6 +140,41 @@ def test_probe_on_vit_features_freezes_backbone():
     assert result["feature_dim"] == 3 * D and result["classifier"].linear.in_features == 3 * D
     assert val_freq_epochs == [True, False, True]  # every val_freq epochs and the last one
     assert torch.equal(model.scale, before) and model.scale.grad is None and model.training
+
+
+def naive_topk_accuracy(logits, labels, k):
+    hits = 0
+    for row, label in zip(logits.tolist(), labels.tolist()):
+        order = sorted(range(len(row)), key=lambda j: -row[j])
+        hits += label in order[:k]
+    return 100.0 * hits / len(labels)
+
+
+def test_logged_val_metrics_equal_recomputation_from_saved_classifier(tmp_path):
+    # Noisy labels over 7 classes: accuracies strictly between 0 and 100, top-5 differs from top-1.
+    torch.manual_seed(0)
+    model = StubViT()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, TOKENS * D, generator=g)
+    y = torch.randint(0, 7, (40,), generator=g)
+    train, val = DataLoader(TensorDataset(x[:24], y[:24]), batch_size=8), DataLoader(TensorDataset(x[24:], y[24:]),
+                                                                                     batch_size=5)
+    path = str(tmp_path / "probe.pth")
+    logged = []
+    result = train_linear_probe(model, train, val, 7, epochs=2, lr=5.0, n_last_blocks=2, avgpool_patchtokens=True,
+                                checkpoint_path=path, log=logged.append)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    # Features by hand: CLS of blocks 4 and 5, then the mean of block 5's patch tokens.
+    xv, yv = x[24:].double(), y[24:]
+    tokens = [model.block(xv, i).detach() for i in (4, 5)]
+    feats = torch.cat([tokens[0][:, 0], tokens[1][:, 0], tokens[1][:, 1:].mean(dim=1)], dim=1)
+    logits = feats @ state["linear.weight"].double().t() + state["linear.bias"].double()
+    top1, top5 = naive_topk_accuracy(logits, yv, 1), naive_topk_accuracy(logits, yv, 5)
+    loss = -torch.log_softmax(logits, dim=1)[torch.arange(len(yv)), yv].mean().item()
+    assert 0 < top1 < top5 < 100  # the case can tell the metrics apart
+    assert logged[-1]["val_top1"] == pytest.approx(top1, abs=1e-9) == result["final_top1"]
+    assert logged[-1]["val_top5"] == pytest.approx(top5, abs=1e-9) == result["final_top5"]
+    assert logged[-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_probe_argument_errors():

@@ -86,15 +86,63 @@ def test_cancel_gradients_skips_adamw_update():
     assert torch.equal(m[2].weight, before) and not opt.state.get(m[2].weight)
 
 
-def test_lars_against_naive_formula():
-    m = model_with_grads()
-    p, g = m[0].weight, m[0].weight.grad.clone()
-    p0 = p.detach().clone()
-    opt = LARS([{"params": [p]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.001)
+def naive_lars(params, grads_per_step, groups, mu=None):
+    """The official DINO utils.LARS step loop, float64, one tensor at a time.
+
+    params: list of tensors; grads_per_step: list (steps) of lists of grads; groups: per param
+    (lr, weight_decay, momentum, eta); mu: initial momentum buffers (None: zeros, created lazily).
+    """
+    params = [p.double().clone() for p in params]
+    mu = [None if m is None else m.double().clone() for m in (mu or [None] * len(params))]
+    for grads in grads_per_step:
+        for i, (p, g) in enumerate(zip(params, grads)):
+            lr, wd, momentum, eta = groups[i]
+            dp = g.double()
+            if p.ndim != 1:
+                dp = dp + wd * p
+                param_norm, update_norm = p.norm().item(), dp.norm().item()
+                q = eta * param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+                dp = dp * q
+            mu[i] = dp if mu[i] is None else momentum * mu[i] + dp
+            params[i] = p - lr * mu[i]
+    return params, mu
+
+
+def test_lars_several_steps_against_naive_official_loop():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 6, generator=g)  # decayed and adapted
+    conv = torch.randn(4, 2, 3, 3, generator=g)  # ndim 4: decayed and adapted, with a momentum state
+    bias = torch.randn(8, generator=g)  # ndim 1: neither
+    zero = torch.zeros(5, 3)  # ||p|| = 0: trust ratio 1
+    start = [weight, conv, bias, zero]
+    mu0 = [None, torch.randn(4, 2, 3, 3, generator=g), torch.randn(8, generator=g), None]
+    steps = [[torch.randn(p.shape, generator=g) * (k + 1) for p in start] for k in range(4)]
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = LARS([{"params": params[:2], "lr": 0.5, "weight_decay": 0.1},
+                {"params": params[2:], "lr": 0.2, "weight_decay": 0.3, "momentum": 0.8, "eta": 0.01}],
+               momentum=0.9, eta=0.001)
+    opt.state[params[1]]["mu"] = mu0[1].clone()  # resumed: non-zero momentum state
+    opt.state[params[2]]["mu"] = mu0[2].clone()
+    for grads in steps:
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+    groups = [(0.5, 0.1, 0.9, 0.001)] * 2 + [(0.2, 0.3, 0.8, 0.01)] * 2
+    ref, ref_mu = naive_lars(start, steps, groups, mu0)
+    for i, (p, r, m) in enumerate(zip(params, ref, ref_mu)):
+        scale = (r - start[i].double()).abs().max()
+        assert scale > 1e-4, f"param {i} barely moved: the check would be empty"
+        assert (p.detach().double() - r).abs().max() <= 1e-5 * scale + 1e-7, f"param {i}"
+        assert torch.allclose(opt.state[p]["mu"].double(), m, rtol=1e-5, atol=1e-7), f"momentum of param {i}"
+
+
+def test_lars_skips_parameters_without_gradient():
+    p, q = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3, 3))
+    opt = LARS([p, q], lr=1.0, weight_decay=0.5)
+    p.grad = torch.ones(3, 3)
     opt.step()
-    dp = g + 0.1 * p0
-    q = 0.001 * p0.norm() / dp.norm()
-    assert torch.allclose(p, p0 - 0.5 * dp * q, atol=1e-7)
+    assert torch.equal(q, torch.ones(3, 3)) and q not in opt.state
+    assert not torch.equal(p, torch.ones(3, 3))
 
 
 def test_collapse_metrics_on_known_distributions():
