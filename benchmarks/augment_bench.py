@@ -6,6 +6,8 @@ Rows, all producing the same list of batched views ``[(B, C, h, w)] * (G + N)``:
   (b) MultiCropTransform on uint8 tensors, one image at a time, then the default collate
   (c) BatchedMultiCrop on a uint8 CPU batch
   (d) BatchedMultiCrop on CUDA, including the host-to-device copy of the uint8 batch (if available)
+  (e) BatchedMultiCrop on a uint8 CPU batch with one seed per image (``seeds=``, what dino-train does:
+      each image's parameters from its own seeded generator)
 
 Each row is the median of ``--repeats`` timed runs after ``--warmup`` runs, single-threaded
 (``torch.set_num_threads(1)``, as in a DataLoader worker) and with torch's default thread count.
@@ -43,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="images per batch")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    p.add_argument("--rows", default="abcd", help="which rows to run, e.g. 'ad' (default: all; d needs CUDA)")
+    p.add_argument("--rows", default="abcde", help="which rows to run, e.g. 'ad' (default: all; d needs CUDA)")
     args = p.parse_args()
     small = dict(image_size=28, global_size=28, local_size=16, locals=4)
     full = dict(image_size=256, global_size=224, local_size=96, locals=8)
@@ -73,6 +75,7 @@ def main() -> None:
 
     transform = make_transform(args)
     batched = BatchedMultiCrop.from_transform(transform)
+    seeds = torch.arange(args.batch) + 1_000_003  # any per-image keys; a fresh tensor is converted per call
 
     def per_image(images: list) -> Callable[[], object]:
         return lambda: default_collate([transform(image) for image in images])
@@ -83,6 +86,7 @@ def main() -> None:
         ("a", "(a) MultiCropTransform, PIL, per image", per_image(pil_images)),
         ("b", "(b) MultiCropTransform, uint8 tensor, per image", per_image(tensor_images)),
         ("c", "(c) BatchedMultiCrop, CPU batch", lambda: batched(batch)),
+        ("e", "(e) BatchedMultiCrop, CPU batch, seeds= (per image)", lambda: batched(batch, seeds=seeds)),
     ]
     for threads in sorted({1, default_threads}):
         torch.set_num_threads(threads)

@@ -82,25 +82,46 @@ class FashionMNIST(Dataset):
         return (self.transform(image) if self.transform is not None else image), int(self.labels[index])
 
 
+def sample_seed(seed: int, key: int) -> int:
+    """The augmentation seed of the sample with global index ``key`` (``epoch * N + index``, what
+    :class:`~dino_pytorch.sampler.ResumableSampler` yields) in a run seeded with ``seed``.
+
+    One function for both augmenters: :class:`SeededTransform` seeds torch's RNG with it around the
+    per-image transform, and the training program passes it per image to
+    :class:`~dino_pytorch.augment.BatchedMultiCrop` (``seeds=``). A large odd multiplier spreads the
+    run seeds over the seed space.
+    """
+    return (int(seed) * 1_000_003 + int(key)) % (2**63 - 1)
+
+
+def sample_seeds(seed: int, keys: Tensor) -> Tensor:
+    """:func:`sample_seed` of every key of a ``(B,)`` integer tensor, as a ``(B,)`` int64 CPU tensor."""
+    return torch.tensor([sample_seed(seed, k) for k in keys.tolist()], dtype=torch.int64)
+
+
 class SeededTransform(Dataset):
     """Applies ``transform`` with torch's RNG seeded from (seed, epoch, index) for each sample.
 
-    Fed by :class:`~dino_pytorch.sampler.ResumableSampler` (which yields ``epoch * N + index``),
-    every sample's augmentation is a pure function of the run seed, the epoch and the index: the
-    same on any rank layout, worker count or after a resume.
+    Fed by :class:`~dino_pytorch.sampler.ResumableSampler` (which yields ``key = epoch * N + index``),
+    every sample's augmentation is a pure function of the run seed, the epoch and the index
+    (:func:`sample_seed`): the same on any rank layout, worker count or after a resume.
+
+    Items are ``(transform(image), label)``, or ``(transform(image), label, key)`` with
+    ``return_key=True``: the key lets the training loop seed an on-device batched augmenter per
+    sample too.  ``transform=None`` passes images through untouched (no seeding needed).
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable, seed: int = 0) -> None:
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, transform: Optional[Callable], seed: int = 0, *,
+                 return_key: bool = False) -> None:
+        self.dataset, self.transform, self.seed, self.return_key = dataset, transform, seed, return_key
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: int) -> tuple[Any, Any]:
-        n = len(self)
-        epoch, index = divmod(int(key), n)
-        image, label = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):
-            # A large odd multiplier spreads (epoch, index) pairs over the seed space.
-            torch.manual_seed((self.seed * 1_000_003 + epoch * n + index) % (2**63 - 1))
-            return self.transform(image), label
+    def __getitem__(self, key: int) -> tuple[Any, ...]:
+        image, label = self.dataset[int(key) % len(self)]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, key))
+                image = self.transform(image)
+        return (image, label, int(key)) if self.return_key else (image, label)

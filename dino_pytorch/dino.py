@@ -305,7 +305,8 @@ class DINO(nn.Module):
         With ``sync_batchnorm`` the BatchNorm layers of the student and the teacher become
         SyncBatchNorm, as official; that needs CUDA, so on the CPU they stay per rank.
         """
-        if sync_batchnorm and torch.cuda.is_available() and any(
+        on_cuda = any(p.is_cuda for p in self.student.parameters())  # the model's device, not the machine's
+        if sync_batchnorm and on_cuda and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()
         ):
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)

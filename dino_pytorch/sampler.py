@@ -19,7 +19,8 @@ class ResumableSampler(Sampler[int]):
 
     Yields ``epoch * len(dataset) + index`` so that a dataset wrapped in
     :class:`~dino_pytorch.datasets.SeededTransform` can seed each sample's augmentation from
-    (epoch, index) even inside persistent DataLoader workers.
+    (epoch, index) even inside persistent DataLoader workers, and hand the key on
+    (``return_key=True``) to seed a batched augmenter per sample.
     """
 
     def __init__(self, dataset_size: int, batch_size: int, *, seed: int = 0, rank: int = 0,

@@ -294,11 +294,13 @@ def test_blur_on_tiny_views_does_not_fail():
 # application rates, per view, from the drawn parameters
 
 
-@pytest.fixture(scope="module")
-def default_draws():
-    """The default recipe (4 locals) on N tiny images, one call."""
+@pytest.fixture(scope="module", params=["generator", "seeds"])
+def default_draws(request):
+    """The default recipe (4 locals) on N tiny images, one call: from one generator for the batch, or
+    from one seeded stream per image."""
     m = BatchedMultiCrop(global_crop_size=4, local_crop_size=2, local_crops_number=4)
-    views, params = m(images(batch=N, size=8), generator=seeded(10), return_params=True)
+    source = dict(generator=seeded(10)) if request.param == "generator" else dict(seeds=torch.arange(N) + 10**9)
+    views, params = m(images(batch=N, size=8), **source, return_params=True)
     return m, views, params
 
 
@@ -467,6 +469,112 @@ def test_centre_crop_fallback_on_extreme_aspect(height, width):
 
 
 # ----------------------------------------------------------------------------------------------
+# crop geometry against torchvision's RandomResizedCrop.get_params (both augmenters)
+
+TV_N = 20_000  # boxes per sampler and setting
+TV_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+TV_SETTINGS = [  # (height, width, scale): Fashion-MNIST global and local, a large image, a wide one
+    (28, 28, (0.4, 1.0)),
+    (28, 28, (0.05, 0.4)),
+    (300, 400, (0.14, 1.0)),
+    (48, 96, (0.4, 1.0)),  # the centre-crop fallback on part of the draws
+]
+TV_STATS = ("area", "log_ratio", "top", "left")
+TV_SAMPLERS = ("per_image", "batched_seeds", "batched_generator")
+# Two-sample KS at n = m = TV_N: under equal distributions P(D > c * sqrt(2 / n)) <= alpha with
+# c = sqrt(-ln(alpha / 2) / 2). Bonferroni over every comparison of the test below keeps the chance of
+# a false alarm of the whole test under 1%: alpha = 0.01 / 48, c = 2.14, D < 0.0214. Whole-pixel
+# rounding makes the distributions discrete, which only makes KS conservative.
+TV_ALPHA = 0.01 / (len(TV_SETTINGS) * len(TV_STATS) * len(TV_SAMPLERS))
+TV_KS_LIMIT = math.sqrt(-math.log(TV_ALPHA / 2) / 2) * math.sqrt(2 / TV_N)
+
+
+def box_stats(boxes: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
+    """Area fraction, log aspect ratio, and the offsets as a fraction of the free space (0 if none)."""
+    top, left, h, w = boxes.double().unbind(dim=1)
+    free_y, free_x = height - h, width - w
+    return dict(area=h * w / (height * width), log_ratio=torch.log(w / h),
+                top=torch.where(free_y > 0, top / free_y.clamp(min=1), 0.0),
+                left=torch.where(free_x > 0, left / free_x.clamp(min=1), 0.0))
+
+
+_TV_REFERENCE: dict = {}
+
+
+def torchvision_stats(height: int, width: int, scale) -> dict[str, torch.Tensor]:
+    from torchvision.transforms import RandomResizedCrop
+
+    key = (height, width, scale)
+    if key not in _TV_REFERENCE:
+        image = torch.empty(1, height, width)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(21)
+            boxes = [RandomResizedCrop.get_params(image, list(scale), list(TV_RATIO)) for _ in range(TV_N)]
+        _TV_REFERENCE[key] = box_stats(torch.tensor(boxes), height, width)
+    return _TV_REFERENCE[key]
+
+
+def project_boxes(sampler: str, height: int, width: int, scale) -> torch.Tensor:
+    if sampler == "per_image":
+        t = MultiCropTransform(global_crops_scale=scale)
+        torch.manual_seed(22)
+        return torch.tensor([t.sample_crop_params(height, width) for _ in range(TV_N)])
+    m = BatchedMultiCrop(global_crops_scale=scale, global_crops_number=1, local_crops_number=0)
+    source = dict(seeds=torch.arange(TV_N) + 23 * 10**6) if sampler == "batched_seeds" else dict(generator=seeded(24))
+    return m.sample_params(TV_N, (height, width), **source)[0].boxes
+
+
+def mutant_boxes(height: int, width: int, scale, *, aspect: str = "log-uniform", last_offset: bool = True):
+    """torchvision's scheme, re-implemented with switches for deliberate mistakes: the aspect ratio
+    uniform instead of log-uniform, or offsets that never reach the last position."""
+    g = seeded(25)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(TV_N, 10, generator=g, dtype=torch.float64))
+    u = torch.rand(TV_N, 10, generator=g, dtype=torch.float64)
+    lo, hi = TV_RATIO
+    if aspect == "log-uniform":
+        ratio = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
+    else:
+        ratio = lo + (hi - lo) * u
+    w, h = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
+    in_ratio = width / height
+    w = torch.where(found, w, float(round(height * hi) if in_ratio > hi else width))
+    h = torch.where(found, h, float(round(width / lo) if in_ratio < lo else height))
+    u_top, u_left = torch.rand(2, TV_N, generator=g, dtype=torch.float64)
+    extra = 1 if last_offset else 0
+    top = torch.where(found, torch.floor(u_top * (height - h + extra)), torch.floor((height - h) / 2))
+    left = torch.where(found, torch.floor(u_left * (width - w + extra)), torch.floor((width - w) / 2))
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def ks_failures(boxes: torch.Tensor, height: int, width: int, scale) -> dict[str, float]:
+    """The statistics whose KS distance to torchvision's reaches the limit, with the distance."""
+    ours, theirs = box_stats(boxes, height, width), torchvision_stats(height, width, scale)
+    distances = {name: ks_distance(ours[name], theirs[name]) for name in TV_STATS}
+    return {name: d for name, d in distances.items() if d >= TV_KS_LIMIT}
+
+
+@pytest.mark.parametrize("height,width,scale", TV_SETTINGS)
+def test_crop_geometry_matches_torchvision(height, width, scale):
+    for sampler in TV_SAMPLERS:
+        boxes = project_boxes(sampler, height, width, scale)
+        assert ((boxes >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= height).all()
+                and (boxes[:, 1] + boxes[:, 3] <= width).all()), sampler
+        assert not ks_failures(boxes, height, width, scale), \
+            f"{sampler}: KS distance >= {TV_KS_LIMIT:.4f} for {ks_failures(boxes, height, width, scale)}"
+
+
+@pytest.mark.parametrize("height,width,scale", TV_SETTINGS[:3])
+def test_crop_geometry_check_catches_a_wrong_sampler(height, width, scale):
+    # The re-implementation passes with the right switches, so each failure below is the mistake's.
+    assert not ks_failures(mutant_boxes(height, width, scale), height, width, scale)
+    assert "log_ratio" in ks_failures(mutant_boxes(height, width, scale, aspect="uniform"), height, width, scale)
+    assert "top" in ks_failures(mutant_boxes(height, width, scale, last_offset=False), height, width, scale)
+
+
+# ----------------------------------------------------------------------------------------------
 # randomness: independence, determinism, devices
 
 
@@ -513,6 +621,65 @@ def test_params_drawn_on_cpu_and_independent_of_the_device():
     for p, q in zip(cpu_params, meta_params):
         assert p.boxes.device.type == "cpu"
         assert torch.equal(p.boxes, q.boxes) and torch.equal(p.factors, q.factors) and torch.equal(p.blur, q.blur)
+
+
+def same_params(p: ViewParams, q: ViewParams) -> bool:
+    return all(torch.equal(getattr(p, f), getattr(q, f)) for f in ViewParams.__dataclass_fields__)
+
+
+def pick(p: ViewParams, rows) -> ViewParams:
+    return ViewParams(**{f: getattr(p, f)[rows] for f in ViewParams.__dataclass_fields__})
+
+
+def test_seeded_images_do_not_depend_on_their_batch():
+    # What distributed equality rests on: an image's parameters and views are a function of its seed,
+    # whatever batch it is in, wherever it sits there and however large the batch is.
+    m = BatchedMultiCrop(**SMALL, local_crops_number=2)
+    x, seeds = images(batch=6, seed=3), torch.tensor([5, 17, 2**62, 0, 17_000_003, 6])
+    views, params = m(x, seeds=seeds, return_params=True)
+    for rows in ([4, 1], [5, 0, 3, 2], [2]):
+        part_views, part_params = m(x[rows], seeds=seeds[rows], return_params=True)
+        for v, w, p, q in zip(views, part_views, params, part_params):
+            assert same_params(pick(p, rows), q)
+            torch.testing.assert_close(v[rows], w, rtol=0, atol=1e-6)
+    # Row i is the stream of torch.Generator().manual_seed(seeds[i]) (the layout tests/golden pins).
+    alone = m.sample_params(1, (16, 16), seeds=[int(seeds[1])])
+    assert all(same_params(pick(p, [1]), q) for p, q in zip(params, alone))
+
+
+def test_seeds_are_deterministic_distinct_and_leave_global_rng_alone():
+    m = BatchedMultiCrop(**SMALL, local_crops_number=2)
+    x = images(batch=1).repeat(4, 1, 1, 1)  # four identical images
+    state = torch.get_rng_state()
+    a, pa = m(x, seeds=[1, 2, 3, 4], return_params=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = m(x, seeds=(1, 2, 3, 4))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for v, p in zip(a, pa):
+        assert len({tuple(f.tolist()) for f in p.factors}) == 4  # every image its own draws
+        assert not torch.equal(v[0], v[1])
+    # The same seed in two rows gives the same views (the seed is all there is).
+    c = m(x, seeds=[9, 9, 3, 4])
+    assert all(torch.equal(v[0], v[1]) for v in c)
+
+
+def test_bad_seeds_raise():
+    m = BatchedMultiCrop(**SMALL, local_crops_number=1)
+    x = images()
+    for seeds, exc, needle in [
+        (torch.arange(3), ValueError, "(4,) integer tensor"),
+        (torch.zeros(4), ValueError, "integer tensor"),
+        (torch.zeros(4, 1, dtype=torch.long), ValueError, "shape (4, 1)"),
+        ([1, 2, 3], ValueError, "expected 4 seeds"),
+        ([1, 2, 3, 4.0], TypeError, "sequence of ints"),
+        ("1234", TypeError, "sequence of ints"),
+        ([1, 2, 3, 2**64], ValueError, "2**64"),
+    ]:
+        with pytest.raises(exc, match="seeds") as info:
+            m(x, seeds=seeds)
+        assert needle in str(info.value)
+    with pytest.raises(TypeError, match="not both"):
+        m(x, seeds=[1, 2, 3, 4], generator=seeded(0))
 
 
 # ----------------------------------------------------------------------------------------------

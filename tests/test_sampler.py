@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from dino_pytorch.datasets import SeededTransform
+from dino_pytorch.augment import BatchedMultiCrop
+from dino_pytorch.datasets import SeededTransform, sample_seed, sample_seeds
 from dino_pytorch.sampler import ResumableSampler
 
 
@@ -59,3 +61,52 @@ def test_seeded_transform_depends_only_on_seed_epoch_index():
     assert torch.equal(torch.get_rng_state(), state)
     assert not torch.equal(ds[3 * 10 + 7][0], a[0])
     assert not torch.equal(SeededTransform(data, lambda x: x + torch.rand(1), seed=6)[27][0], a[0])
+
+
+def test_sample_seed_is_the_seeded_transforms_and_keys_come_back():
+    data = [(torch.zeros(1), i) for i in range(10)]
+    ds = SeededTransform(data, lambda x: x + torch.rand(1), seed=5, return_key=True)
+    view, label, key = ds[2 * 10 + 7]
+    assert (label, key) == (7, 27)
+    # The seed of (seed, epoch, index) as SeededTransform always computed it.
+    assert sample_seed(5, 27) == (5 * 1_000_003 + 2 * 10 + 7) % (2**63 - 1)
+    torch.manual_seed(sample_seed(5, 27))
+    assert torch.equal(view, torch.zeros(1) + torch.rand(1))
+    assert torch.equal(sample_seeds(5, torch.tensor([27, 3])), torch.tensor([sample_seed(5, 27), sample_seed(5, 3)]))
+    # No transform: images pass through, nothing drawn.
+    raw = SeededTransform(data, None, seed=5, return_key=True)
+    state = torch.get_rng_state()
+    assert raw[13] == (data[3][0], 3, 13) and torch.equal(torch.get_rng_state(), state)
+
+
+def rank_batches(world_size: int, batch: int, num_workers: int, transform) -> list[dict[int, torch.Tensor]]:
+    """Per step, {key: item} over every rank's batch of a DataLoader over SeededTransform(return_key)."""
+    data = [(torch.full((1, 6, 6), float(i)), i) for i in range(40)]
+    steps: list[dict[int, torch.Tensor]] = []
+    for rank in range(world_size):
+        sampler = ResumableSampler(len(data), batch, seed=1, rank=rank, world_size=world_size)
+        sampler.set_epoch(2)
+        loader = DataLoader(SeededTransform(data, transform, seed=4, return_key=True), sampler=sampler,
+                            batch_size=batch, num_workers=num_workers)
+        for step, (items, _, keys) in enumerate(loader):
+            if transform is None:  # the batched augmenter, on the "device", seeded per sample
+                items = BatchedMultiCrop(global_crop_size=4, local_crop_size=2, local_crops_number=1,
+                                         mean=(0.5,), std=(0.5,))(items, seeds=sample_seeds(4, keys))[2]
+            if rank == 0:
+                steps.append({})
+            steps[step].update({int(k): item for k, item in zip(keys, items)})
+    return steps
+
+
+@pytest.mark.parametrize("augmenter", ["per_image", "batched"])
+def test_two_ranks_draw_the_views_of_one_process_with_the_doubled_batch(augmenter):
+    # Each sample's views are keyed by its global index: the same whatever the rank layout, the batch
+    # size or the worker that loads it.
+    transform = (lambda x: x + torch.rand(x.shape)) if augmenter == "per_image" else None
+    one = rank_batches(1, 8, 0, transform)
+    two = rank_batches(2, 4, 1, transform)
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys() and all(k // 40 == 2 for k in a)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

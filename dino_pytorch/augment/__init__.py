@@ -6,6 +6,8 @@
   DataLoader transform (PIL images or uint8 tensors ``(C, H, W)``).
 * :class:`BatchedMultiCrop` (``batched.py``): runs it on a whole batch ``(B, C, H, W)`` with
   per-sample random parameters (:class:`ViewParams`), on the CPU or the GPU.
+* ``draws.py``: the uniform numbers behind the batched parameters (one stream per batch, or one
+  seeded stream per image with ``seeds=``) and the crop-box sampler.
 * ``functional.py``: the kernels both use, which draw nothing (``torchvision.transforms.v2.functional``
   style: the classes draw random parameters, the functions compute).
 

@@ -12,14 +12,14 @@ hands them to the batch kernels of :mod:`~dino_pytorch.augment.functional`
 (:meth:`BatchedMultiCrop.apply_params`), each one vectorised op over the batch or over the rows that
 the step applies to.
 
-All random numbers are drawn on the CPU (from a ``torch.Generator`` if one is passed, else from the
-global RNG) and only the results move to the images' device, so the views do not depend on the
-device or its RNG, and row selection never needs a device synchronisation.
+All random numbers are drawn on the CPU (from a ``torch.Generator`` if one is passed, from one seeded
+stream per image with ``seeds=``, else from the global RNG) and only the results move to the images'
+device, so the views do not depend on the device or its RNG, and row selection never needs a device
+synchronisation.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union, cast
@@ -31,9 +31,10 @@ from torchvision.transforms import InterpolationMode
 
 from ..validate import check_int, is_int
 from . import functional as AF
+from .draws import SeedsLike, Uniforms, check_seeds, sample_boxes
 from .functional import stack_images
 from .per_image import MultiCropTransform
-from .recipe import CROP_ATTEMPTS, MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
+from .recipe import MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
 
 __all__ = ["BatchedMultiCrop", "ViewParams", "multicrop_collate", "stack_images"]
 
@@ -77,63 +78,6 @@ class ViewParams:
 
 
 # ---------------------------------------------------------------------------------------------
-# random draws (CPU)
-
-
-def _uniform(shape: tuple[int, ...], low: float, high: float, generator: Optional[torch.Generator]) -> Tensor:
-    # float64 like the per-image draws, so probability comparisons are as fine-grained.
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    return low + (high - low) * u
-
-
-def _bernoulli(batch: int, p: float, generator: Optional[torch.Generator], *, inclusive: bool = False) -> Tensor:
-    """``(B,)`` bool: ``u < p`` (``u <= p`` with ``inclusive``, the official blur test); p = 0 never fires."""
-    u = torch.rand(batch, generator=generator, dtype=torch.float64)
-    if p <= 0.0:
-        return torch.zeros(batch, dtype=torch.bool)
-    return u <= p if inclusive else u < p
-
-
-def _sample_boxes(
-    sizes: Tensor, scale: tuple[float, float], ratio: tuple[float, float], generator: Optional[torch.Generator]
-) -> Tensor:
-    """RandomResizedCrop boxes, vectorised over the batch: ``sizes (B, 2)`` int64 ``(H, W)`` ->
-    ``(B, 4)`` int64 ``(top, left, height, width)``.
-
-    torchvision's scheme: up to 10 tries of an area fraction ``U(scale)`` and a log-uniform aspect
-    ratio, the first box that fits wins; if none fits, the largest centred box with the aspect ratio
-    clamped into ``ratio``.  All 10 tries are drawn for every sample; taking the first one that fits
-    gives the same distribution as stopping there.
-    """
-    batch = sizes.shape[0]
-    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # (B, 1)
-    target_area = height * width * _uniform((batch, CROP_ATTEMPTS), *scale, generator)
-    aspect = torch.exp(_uniform((batch, CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]), generator))
-    # torch.round is round-half-even, like Python's round() in sample_crop_params.
-    crop_w = torch.round(torch.sqrt(target_area * aspect))
-    crop_h = torch.round(torch.sqrt(target_area / aspect))
-    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)  # (B, tries)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    crop_w = crop_w.gather(1, first).squeeze(1)
-    crop_h = crop_h.gather(1, first).squeeze(1)
-    found = fits.any(dim=1)
-
-    height, width = height.squeeze(1), width.squeeze(1)
-    in_ratio = width / height
-    fallback_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-    fallback_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    crop_w = torch.where(found, crop_w, fallback_w)
-    crop_h = torch.where(found, crop_h, fallback_h)
-
-    # Uniform integer offsets in [0, H - h] and [0, W - w]; draw for every sample to keep the stream
-    # layout independent of which samples fell back.
-    u_top, u_left = torch.rand(2, batch, generator=generator, dtype=torch.float64)
-    top = torch.where(found, torch.floor(u_top * (height - crop_h + 1)), torch.floor((height - crop_h) / 2))
-    left = torch.where(found, torch.floor(u_left * (width - crop_w + 1)), torch.floor((width - crop_w) / 2))
-    return torch.stack([top, left, crop_h, crop_w], dim=1).long()
-
-
-# ---------------------------------------------------------------------------------------------
 # the module
 
 # The batch resampler implements these filters; BOX, HAMMING and LANCZOS exist for PIL inputs only.
@@ -169,7 +113,10 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
 
     Randomness: all parameters are drawn on the CPU from ``generator`` (a CPU ``torch.Generator``)
     or, when it is None, from torch's global RNG, which DataLoader workers seed per worker.  The same
-    generator state gives the same parameters on every device.
+    generator state gives the same parameters on every device.  With ``seeds=`` (one per image)
+    instead, each image's parameters come from its own seeded stream, so they do not depend on the
+    batch it is in: key them by the global sample index and a 2-process run draws the views of a
+    1-process run (:mod:`~dino_pytorch.augment.draws`).
     """
 
     def __init__(self, *args: Any, recipe: Optional[MultiCropRecipe] = None, **kwargs: Any) -> None:
@@ -196,45 +143,55 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     # parameters
 
     def sample_params(self, batch_size: int, image_size: Union[tuple[int, int], Tensor], *,
-                      generator: Optional[torch.Generator] = None) -> list[ViewParams]:
+                      generator: Optional[torch.Generator] = None,
+                      seeds: Optional[SeedsLike] = None) -> list[ViewParams]:
         """Draw the random parameters of every view for a batch, on the CPU.
 
         Args:
             batch_size: ``B``.
             image_size: ``(H, W)`` shared by the batch, or a ``(B, 2)`` integer tensor of per-image sizes.
-            generator: a CPU ``torch.Generator``; None uses torch's global RNG.
+            generator: a CPU ``torch.Generator`` for the whole batch; None uses torch's global RNG.
+            seeds: instead of ``generator``, one seed per image (a ``(B,)`` integer tensor or ints): image
+                ``i``'s parameters come from ``torch.Generator().manual_seed(seeds[i])`` alone, whatever
+                the batch around it.
         Returns:
             ``G + N`` :class:`ViewParams`, in view order.
         """
         check_int("batch_size", batch_size, 1)
         sizes = _check_sizes(image_size, batch_size)
         generator = _check_generator(generator)
-        return [self._sample_view(sizes, spec, generator) for spec in self.recipe.view_specs]
+        if seeds is not None and generator is not None:
+            raise TypeError("pass either generator= (one stream for the batch) or seeds= (one per image), not both")
+        per_sample = check_seeds(seeds, batch_size) if seeds is not None else None
+        draws = Uniforms(batch_size, generator, per_sample, self.recipe.num_views)
+        params = [self._sample_view(sizes, spec, draws) for spec in self.recipe.view_specs]
+        draws.check_used(self.recipe.num_views)
+        return params
 
-    def _sample_view(self, sizes: Tensor, spec: ViewSpec, generator: Optional[torch.Generator]) -> ViewParams:
+    def _sample_view(self, sizes: Tensor, spec: ViewSpec, draws: Uniforms) -> ViewParams:
         r = self.recipe
         batch = sizes.shape[0]
-        boxes = _sample_boxes(sizes, spec.scale, cast("tuple[float, float]", r.ratio), generator)
-        flip = _bernoulli(batch, r.flip_prob, generator)
-        jitter = _bernoulli(batch, r.color_jitter_prob, generator)
+        boxes = sample_boxes(sizes, spec.scale, cast("tuple[float, float]", r.ratio), draws)
+        flip = draws.bernoulli(r.flip_prob)
+        jitter = draws.bernoulli(r.color_jitter_prob)
         factors = torch.empty(batch, 4, dtype=torch.float64)
         for op, bounds in enumerate(r.jitter_ranges):
-            u = _uniform((batch,), *(bounds or (0.0, 1.0)), generator)
+            u = draws.uniform(1, *(bounds or (0.0, 1.0)))[:, 0]
             factors[:, op] = u if bounds is not None else _IDENTITY_FACTORS[op]
         # argsort of i.i.d. uniforms is a uniformly random permutation, one per row (ColorJitter
-        # draws torch.randperm(4) per image).
-        order = torch.rand(batch, 4, generator=generator).argsort(dim=1)
-        grayscale = _bernoulli(batch, r.grayscale_prob, generator) & (r.channels == 3)
-        blur = _bernoulli(batch, spec.blur_prob, generator, inclusive=True)
-        sigma = _uniform((batch,), *cast("tuple[float, float]", r.blur_sigma), generator)
-        solarize = _bernoulli(batch, spec.solarize_prob, generator)
+        # draws torch.randperm(4) per image).  float32 draws from a batch generator, as before.
+        order = draws.take(4, torch.float32).argsort(dim=1)
+        grayscale = draws.bernoulli(r.grayscale_prob) & (r.channels == 3)
+        blur = draws.bernoulli(spec.blur_prob, inclusive=True)
+        sigma = draws.uniform(1, *cast("tuple[float, float]", r.blur_sigma))[:, 0]
+        solarize = draws.bernoulli(spec.solarize_prob)
         return ViewParams(boxes, flip, jitter, factors, order, grayscale, blur, sigma, solarize)
 
     # -----------------------------------------------------------------------------------------
     # the augmentation
 
     def forward(self, images: Tensor, *, image_sizes: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None,
+                generator: Optional[torch.Generator] = None, seeds: Optional[SeedsLike] = None,
                 return_params: bool = False) -> Union[list[Tensor], tuple[list[Tensor], list[ViewParams]]]:
         """Augment a batch: ``(B, C, H, W) -> [(B, C_out, gh, gw)] * G + [(B, C_out, lh, lw)] * N``.
 
@@ -243,6 +200,8 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
             image_sizes: optional ``(B, 2)`` true ``(H_i, W_i)`` of zero-padded images (see
                 :func:`stack_images`); crops stay inside each image.
             generator: a CPU ``torch.Generator`` for all draws; None uses torch's global RNG.
+            seeds: instead of ``generator``, one seed per image, ``(B,)`` ints: each image's views are
+                then a function of its seed alone (see :meth:`sample_params`).
             return_params: also return the drawn :class:`ViewParams` (CPU tensors).
         """
         _check_images(images)
@@ -254,7 +213,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
                 raise ValueError(
                     f"image_sizes: every (H_i, W_i) must fit in the batch's (H, W) = {(height, width)}"
                 )
-        params = self.sample_params(batch, sizes, generator=generator)
+        params = self.sample_params(batch, sizes, generator=generator, seeds=seeds)
         views = self.apply_params(images, params)
         return (views, params) if return_params else views
 
