@@ -19,7 +19,7 @@ This module imports ``triton``: import it only where triton is importable (``dis
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the launchers run on CPU tensors.
 """
 # No `from __future__ import annotations`: torch.library reads the op schemas from real annotations.
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -165,7 +165,7 @@ def _column_sum_kernel(x_ptr, out_ptr, N, K, stride_x, BLOCK_K: tl.constexpr):
 
 
 # -- launchers ------------------------------------------------------------------------------------
-def _row_block(k: int, block_k: Optional[int]) -> Tuple[int, int]:
+def _row_block(k: int, block_k: Optional[int]) -> tuple[int, int]:
     block = block_k or min(triton.next_power_of_2(k), MAX_BLOCK_K)
     return block, (8 if block >= 2048 else 4)
 
@@ -190,7 +190,9 @@ def centered_softmax(x: Tensor, center: Tensor, temp: float, block_k: Optional[i
     n, k = x.shape
     out = torch.empty((n, k), dtype=torch.float32, device=x.device)
     block, warps = _row_block(k, block_k)
-    _centered_softmax_kernel[(n,)](x, center, out, k, x.stride(0), out.stride(0), float(temp), BLOCK_K=block, num_warps=warps)
+    _centered_softmax_kernel[(n,)](
+        x, center, out, k, x.stride(0), out.stride(0), float(temp), BLOCK_K=block, num_warps=warps
+    )
     return out
 
 
@@ -206,7 +208,7 @@ def column_sum(x: Tensor, block_k: Optional[int] = None) -> Tensor:
 
 def cross_entropy_forward(
     student: Tensor, teacher: Tensor, student_temp: float, num_views: int, block_k: Optional[int] = None
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """``(ce (V*B,), stats (3, V*B))`` float32, as ``fused_cross_entropy.torch_forward``.
 
     student: (V*B, K) crop-major logits (fp32/bf16/fp16); teacher: (T, B, K) float32 probabilities.
@@ -252,12 +254,12 @@ def cross_entropy_backward(  # the arguments of the PyTorch twin, fused_cross_en
 
 # -- torch.library ops: opaque to torch.compile ----------------------------------------------------
 @torch.library.custom_op("dino_pytorch::mvce_forward", mutates_args=())
-def _mvce_forward_op(student: Tensor, teacher: Tensor, student_temp: float, num_views: int) -> Tuple[Tensor, Tensor]:
+def _mvce_forward_op(student: Tensor, teacher: Tensor, student_temp: float, num_views: int) -> tuple[Tensor, Tensor]:
     return cross_entropy_forward(student, teacher, student_temp, num_views)
 
 
 @_mvce_forward_op.register_fake
-def _(student: Tensor, teacher: Tensor, student_temp: float, num_views: int) -> Tuple[Tensor, Tensor]:
+def _(student: Tensor, teacher: Tensor, student_temp: float, num_views: int) -> tuple[Tensor, Tensor]:
     rows = student.shape[0]
     return student.new_empty((rows,), dtype=torch.float32), student.new_empty((3, rows), dtype=torch.float32)
 

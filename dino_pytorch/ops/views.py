@@ -56,7 +56,9 @@ def split_views(
         s = s.unflatten(0, (s.shape[0] // batch_size, batch_size))
     if t.ndim == 2:
         if t.shape[0] % batch_size != 0:
-            raise ValueError(f"teacher_probs has {t.shape[0]} rows, which do not split into views of batch size {batch_size}")
+            raise ValueError(
+                f"teacher_probs has {t.shape[0]} rows, which do not split into views of batch size {batch_size}"
+            )
         t = t.unflatten(0, (t.shape[0] // batch_size, batch_size))
     num_views, num_teacher = s.shape[0], t.shape[0]
     if s.shape[1:] != t.shape[1:] or s.shape[1] != batch_size:
@@ -65,7 +67,9 @@ def split_views(
             f"expected (B={batch_size}, K) for both"
         )
     if num_views < 2 or not 1 <= num_teacher <= num_views:
-        raise ValueError(f"got V={num_views} student and T={num_teacher} teacher views; expected V >= 2 and 1 <= T <= V")
+        raise ValueError(
+            f"got V={num_views} student and T={num_teacher} teacher views; expected V >= 2 and 1 <= T <= V"
+        )
     if not s.is_floating_point() or not t.is_floating_point():
         raise TypeError(f"expected floating tensors, got student {s.dtype} and teacher_probs {t.dtype}")
     return s.flatten(0, 1), t, num_views
