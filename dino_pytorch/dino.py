@@ -238,6 +238,7 @@ class DINO(nn.Module):
         if momentum is None and self.schedules is not None:
             momentum = self.schedules.at(self.step)["momentum"]
         skip = self.criterion.nonfinite.found.clone()  # update_center resets the flags
+        self.criterion.nonfinite.close_step(self.step)
         self.criterion.update_center()
         return self.teacher.update(self.student, momentum=momentum, skip=skip)
 
@@ -264,10 +265,14 @@ class DINO(nn.Module):
         elif not bool(found):
             optimizer.step()
 
-    def nonfinite_report(self, where: str = "") -> Optional[str]:
-        """None if every loss since the last :meth:`update_teacher` was finite, else one line saying
-        what was not. Reads the flags (one host sync on CUDA): call it where the loop syncs anyway."""
-        return self.criterion.nonfinite.report(where, kept="the centre, the teacher and the optimizer were")
+    def nonfinite_report(self) -> Optional[str]:
+        """None while every optimizer step so far had a finite loss, else one line naming the first
+        that did not (its step and what was non-finite); nothing was updated from such a step.
+
+        Reads device flags (one host sync on CUDA): call it where the loop syncs anyway, e.g. at log
+        points and before saving, and stop there; on the CPU it is free, every step.
+        """
+        return self.criterion.nonfinite.first_report(kept="the centre, the teacher and the optimizer were")
 
     # -- the official recipe, one helper each -----------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

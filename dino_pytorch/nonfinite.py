@@ -34,16 +34,42 @@ class NonFiniteFlags:
         steps: int64, forwards recorded.
     """
 
+    _NAMES = ("found", "teacher_rows", "teacher_total", "steps", "first_step", "first_teacher_rows",
+              "first_teacher_total")
+
     def __init__(self) -> None:
         self.found = torch.zeros((), dtype=torch.bool)
         self.teacher_rows = torch.zeros((), dtype=torch.int64)
         self.teacher_total = torch.zeros((), dtype=torch.int64)
         self.steps = torch.zeros((), dtype=torch.int64)
+        # Sticky over a run (see close_step): the first non-finite optimizer step and its counts.
+        self.first_step = torch.full((), -1, dtype=torch.int64)
+        self.first_teacher_rows = torch.zeros((), dtype=torch.int64)
+        self.first_teacher_total = torch.zeros((), dtype=torch.int64)
 
     def to(self, device: torch.device) -> NonFiniteFlags:
-        for name in ("found", "teacher_rows", "teacher_total", "steps"):
+        for name in self._NAMES:
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+    @torch.no_grad()
+    def close_step(self, step: int) -> None:
+        """End optimizer step ``step``: remember it (and its counts) if it is the first non-finite
+        one, on the device (the per-step flags are reset by whoever starts the next step)."""
+        first = (self.first_step < 0) & self.found
+        self.first_step = torch.where(first, torch.full_like(self.first_step, step), self.first_step)
+        self.first_teacher_rows = torch.where(first, self.teacher_rows, self.first_teacher_rows)
+        self.first_teacher_total = torch.where(first, self.teacher_total, self.first_teacher_total)
+
+    def first_report(self, kept: str) -> Optional[str]:
+        """None if no step closed by :meth:`close_step` was non-finite, else one line naming the first.
+
+        Reads the flags: one host sync on CUDA.
+        """
+        step = int(self.first_step)
+        if step < 0:
+            return None
+        return self._line(f"step {step}", int(self.first_teacher_rows), int(self.first_teacher_total), kept)
 
     @torch.no_grad()
     def record(self, loss: Tensor, teacher_targets: Tensor) -> Tensor:
@@ -78,7 +104,10 @@ class NonFiniteFlags:
         """
         if not bool(self.found):
             return None
-        bad_rows, total = int(self.teacher_rows), int(self.teacher_total)
+        return self._line(where, int(self.teacher_rows), int(self.teacher_total), kept)
+
+    @staticmethod
+    def _line(where: str, bad_rows: int, total: int, kept: str) -> str:
         if bad_rows:
             what = f"the teacher output ({bad_rows} of {total} teacher rows non-finite)"
         else:
