@@ -80,9 +80,12 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # torch.save reports a failed write (a full disk) as a RuntimeError around the OSError.
+        if isinstance(err, RuntimeError) and isinstance(err.__context__, OSError):
+            raise err.__context__ from err
         raise
     _fsync_directory(directory)
 

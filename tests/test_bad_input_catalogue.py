@@ -265,8 +265,6 @@ def test_program_traceback_only_on_request(tmp_path, capsys, monkeypatch, how):
         "dino-train: error: --lr -1")
 
 
-@xfail("dino_pytorch/cli/train.py", "resume(): call train_flags.check_resume_fits(ckpt, dino.student, path) "
-       "right after load_checkpoint, before dino.load_official_checkpoint")
 def test_program_resume_of_another_width(tmp_path, capsys):
     out = tmp_path / "run"
     with warnings.catch_warnings():

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+FAULTS = (str(ROOT / "tests" / "crash_after_save.py"),)  # dino-train with test-only hooks
 SMALL = [
     "--dataset", "fashion_mnist", "--arch", "convnet", "--width", "8", "--out_dim", "256",
     "--hidden_dim", "64", "--bottleneck_dim", "32", "--batch_size_per_gpu", "16", "--local_crops_number", "2",
     "--num_workers", "0", "--no_final_knn", "--no_progress", "--log_every", "2", "--warmup_epochs", "0",
-    "--freeze_last_layer", "0",
+    "--freeze_last_layer", "0", "--save_every_min", "0",
 ]
 
 
@@ -41,20 +42,29 @@ def assert_same_state(a, b, atol=0.0):
 
 @pytest.mark.slow
 def test_resume_after_kill_is_bitwise_identical(tmp_path):
-    torch.use_deterministic_algorithms(True)
+    # A ViT with drop path: its masks come from the global RNG, so the resume is bitwise only if the
+    # stochastic layers never depend on the RNG's history (dino-train seeds each micro-batch's
+    # forward from (seed, step, micro, rank)). AdamW at a real lr, every optimizer entry compared.
+    vit = ["--arch", "vit_tiny", "--patch_size", "7", "--vit_depth", "2", "--vit_embed_dim", "48",
+           "--drop_path_rate", "0.1", "--attention_maps", "0", "--lr", "0.01", "--max_steps", "8"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(SMALL + ["--max_steps", "8", "--output_dir", str(straight)])
-    killed = run(SMALL + ["--max_steps", "8", "--output_dir", str(resumed), "--save_every_steps", "4"],
-                 env={"CRASH_AFTER_STEP": "4"}, module=(str(ROOT / "tests" / "crash_after_save.py"),), check=False)
-    assert killed.returncode == 17  # died right after the step-4 checkpoint
-    assert load(resumed / "checkpoint.pth")["step"] == 4
-    out = run(SMALL + ["--max_steps", "8", "--output_dir", str(resumed), "--save_every_steps", "4"])
-    assert "resumed from" in out.stdout and "at step 4" in out.stdout
+    run(SMALL + vit + ["--output_dir", str(straight)])
+    killed = run(SMALL + vit + ["--output_dir", str(resumed), "--save_every_steps", "3"],
+                 env={"CRASH_AFTER_STEP": "3"}, module=(str(ROOT / "tests" / "crash_after_save.py"),), check=False)
+    assert killed.returncode == 17  # died right after the step-3 checkpoint, mid-epoch
+    assert load(resumed / "checkpoint.pth")["step"] == 3
+    out = run(SMALL + vit + ["--output_dir", str(resumed), "--save_every_steps", "3"])
+    assert "resumed from" in out.stdout and "at step 3" in out.stdout
     a, b = load(straight / "checkpoint.pth"), load(resumed / "checkpoint.pth")
     assert a["step"] == b["step"] == 8
     assert_same_state(a, b)
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert sa.keys() == sb.keys() and len(sa) == sum(len(g["params"]) for g in a["optimizer"]["param_groups"])
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for entry in sa[i]:
+            assert torch.equal(sa[i][entry], sb[i][entry]), f"optimizer.state[{i}].{entry} differs"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
 @pytest.mark.slow
@@ -100,16 +110,15 @@ def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path):
               "--augment", "per_image", "--max_steps", "3", "--log_every", "1", "--attention_maps", "0",
               "--freeze_last_layer", "0", "--optimizer", "sgd", "--lr", "2.0", "--momentum_teacher", "0.5",
               "--clip_grad", "0", "--weight_decay", "0", "--weight_decay_end", "0", "--saveckp_freq", "0"]
-    single, ddp, init = tmp_path / "single", tmp_path / "ddp", tmp_path / "init"
-    run(common + ["--batch_size_per_gpu", "8", "--output_dir", str(single)])
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    # The initial weights (the same seed on every layout) are written by the single run itself.
+    run(common + ["--batch_size_per_gpu", "8", "--output_dir", str(single)], module=FAULTS,
+        env={"INITIAL_CHECKPOINT": str(tmp_path / "initial.pth")})
     run(common + ["--batch_size_per_gpu", "4", "--output_dir", str(ddp)],
         launcher=["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"])
     a, b = load(single / "checkpoint.pth"), load(ddp / "checkpoint.pth")
     assert a["step"] == b["step"] == 3
-    # The initial weights: the same seed, built by the program with the schedules of zero steps run.
-    run([*common, "--max_steps", "1", "--lr", "0", "--momentum_teacher", "1.0", "--batch_size_per_gpu", "8",
-         "--output_dir", str(init)])
-    start = load(init / "checkpoint.pth")
+    start = load(tmp_path / "initial.pth")
     for key in ("student", "teacher"):
         moved_a = torch.cat([(a[key][n] - start[key][n]).flatten() for n in a[key] if a[key][n].is_floating_point()])
         moved_b = torch.cat([(b[key][n] - start[key][n]).flatten() for n in b[key] if b[key][n].is_floating_point()])
@@ -123,16 +132,27 @@ def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path):
 @pytest.mark.slow
 def test_channels_last_and_bf16_on_cpu_train_close_to_fp32(tmp_path):
     # The 60-minute Fashion-MNIST command uses both; they must change speed, not what is learned.
+    # SGD at a real lr moves the weights far beyond bf16's noise; updates (final - initial) compared.
+    flags = SMALL + ["--max_steps", "3", "--optimizer", "sgd", "--lr", "0.3", "--clip_grad", "0",
+                     "--momentum_teacher", "0.5"]
     base, fast = tmp_path / "fp32", tmp_path / "cl_bf16"
-    run(SMALL + ["--max_steps", "3", "--output_dir", str(base)])
-    run(SMALL + ["--max_steps", "3", "--output_dir", str(fast), "--channels_last", "--precision", "bf16"])
-    a, b = load(base / "checkpoint.pth"), load(fast / "checkpoint.pth")
+    run(flags + ["--output_dir", str(base)], module=FAULTS, env={"INITIAL_CHECKPOINT": str(tmp_path / "initial.pth")})
+    run(flags + ["--output_dir", str(fast), "--channels_last", "--precision", "bf16"])
+    a, b, start = load(base / "checkpoint.pth"), load(fast / "checkpoint.pth"), load(tmp_path / "initial.pth")
     conv = [name for name, v in b["student"].items() if v.ndim == 4 and v.shape[1] > 1]
     assert conv and all(b["student"][n].is_contiguous(memory_format=torch.channels_last) for n in conv)
     assert all(not b["student"][n].is_contiguous() for n in conv)
     assert all(b["teacher"][n].is_contiguous(memory_format=torch.channels_last) for n in conv)
-    # bf16 rounds activations to 8 bits of mantissa: after 3 steps the weights agree to ~1e-3.
-    for name in a["student"]:
-        if a["student"][name].is_floating_point():
-            assert torch.allclose(a["student"][name], b["student"][name], atol=5e-3, rtol=0), name
-    assert not torch.equal(a["student"][conv[0]], b["student"][conv[0]])  # bf16 really ran
+
+    def updates(state, key, prefix=""):
+        names = [n for n in state[key] if n.startswith(prefix) and state[key][n].is_floating_point()]
+        return torch.cat([(state[key][n] - start[key][n]).flatten() for n in names])
+
+    # bf16 rounds activations to 8 bits of mantissa: measured 1.1% on the whole update, 9% on the
+    # (small) backbone part, whose gradients pass through more bf16 layers.
+    for key, prefix, tolerance in (("student", "", 0.03), ("teacher", "", 0.03), ("student", "backbone.", 0.2)):
+        moved_a, moved_b = updates(a, key, prefix), updates(b, key, prefix)
+        error = (moved_a - moved_b).norm() / moved_a.norm()
+        assert moved_a.norm() > 0.1, f"{key}.{prefix}* barely moved: the comparison would be empty"
+        assert error <= tolerance, f"{key}.{prefix}*: relative difference of the updates {error:.3f}"
+        assert error > 0  # bf16 really ran

@@ -11,11 +11,13 @@ checkpoint records the model configuration, so the evaluation programs need no a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,8 +43,8 @@ from ._setup import (
     run_program,
 )
 from .train_data import build_data, make_views
-from .train_flags import get_args_parser, resolve_defaults
-from .train_report import RunLog, final_report, write_pictures
+from .train_flags import check_resume_fits, get_args_parser, resolve_defaults
+from .train_report import RunControl, RunLog, final_report, write_pictures
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -65,12 +67,83 @@ def schedule_lengths(args: argparse.Namespace, steps_per_epoch: int) -> tuple[in
     return total, epochs, min(warmup, total)
 
 
-def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device) -> None:
-    """Restore the run saved at ``path``: DINO (student, teacher, centre, step), optimizer, scaler, RNG."""
+# The flags that define the schedules (lr, weight decay, momentum, teacher temperature, last-layer
+# freeze) and the data position of a step: a resume must not change them silently.
+SCHEDULE_FLAGS = ("max_steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "min_lr", "weight_decay",
+                  "weight_decay_end", "momentum_teacher", "teacher_temp", "warmup_teacher_temp",
+                  "warmup_teacher_temp_epochs", "freeze_last_layer", "batch_size_per_gpu", "grad_accum_steps")
+STALE_TEMP_GLOB = ".checkpoint*.pth.tmp-*"  # save_checkpoint's temporary files, left by a kill mid-save
+
+
+def model_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The global RNG's seed for one micro-batch's forward and backward (drop path, dropout, any
+    stochastic layer of any backbone): a function of its position only, never of the RNG's history,
+    so a resumed run draws exactly what the uninterrupted one drew."""
+    digest = hashlib.blake2b(f"dino-train/{seed}/{step}/{micro}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def remove_stale_temp_files(out: Path) -> list[str]:
+    """Delete the temporary files of saves a kill interrupted (one run per output_dir)."""
+    removed = []
+    for path in sorted(out.glob(STALE_TEMP_GLOB)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def first_non_finite(value: Any, name: str) -> Optional[str]:
+    """The name of the first floating tensor in ``value`` holding a NaN or an inf, else None."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    items: Any = ()
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    for key, item in items:
+        found = first_non_finite(item, f"{name}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def schedule_change(saved: Mapping[str, Any], args: argparse.Namespace, saved_total: Any, total: int) -> Optional[str]:
+    """How this run's schedules differ from the checkpoint's (``saved`` are its args), or None."""
+    for name in SCHEDULE_FLAGS:
+        if name not in saved:
+            continue  # a file from before the flag existed
+        overrider = {"epochs": "max_steps", "warmup_epochs": "warmup_steps"}.get(name)
+        if overrider and getattr(args, overrider) is not None and saved.get(overrider) is not None:
+            continue  # overridden by the step flag in both runs
+        if saved[name] != getattr(args, name):
+            return f"--{name} is {getattr(args, name)} here but {saved[name]} in the checkpoint's run"
+    if saved_total is not None and int(saved_total) != total:
+        return f"the schedules span {total} steps here but {int(saved_total)} in the checkpoint's run"
+    return None
+
+
+def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device,
+           args: argparse.Namespace, total_steps: int) -> None:
+    """Restore the run saved at ``path``: DINO (student, teacher, centre, step), optimizer, scaler, RNG.
+
+    Refused in one line: an unreadable file, a non-finite entry, or schedules that differ from the
+    checkpoint's (unless ``--allow_schedule_change``)."""
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
         raise UsageError(f"cannot resume: {err}. Move the file away to start afresh.") from None
+    check_resume_fits(ckpt, dino.student, path)  # another width or head: one line, not a traceback
+    for entry in ("student", "teacher", "dino_loss", "optimizer", "fp16_scaler"):
+        bad = first_non_finite(ckpt.get(entry, {}), entry)
+        if bad is not None:
+            raise UsageError(f"cannot resume from {path}: {bad} holds non-finite values (NaN or inf). "
+                             "Move the file away (or restore an older one) to start afresh.")
+    change = schedule_change(ckpt.get("args") or {}, args, ckpt.get("total_steps"), total_steps)
+    if change is not None and not args.allow_schedule_change:
+        raise UsageError(f"cannot resume from {path}: {change}, which would change its schedules mid-run; "
+                         "pass --allow_schedule_change to resume with the new ones")
     dino.load_official_checkpoint(ckpt)
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and "fp16_scaler" in ckpt:
@@ -78,6 +151,42 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+
+
+class Checkpointer:
+    """Rank 0 writes ``output_dir/checkpoint.pth`` (atomically); the others only keep count."""
+
+    def __init__(self, path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any,
+                 args: argparse.Namespace, config: dict[str, Any], device: torch.device, is_main: bool,
+                 total_steps: int) -> None:
+        self.path, self.dino, self.optimizer, self.scaler = path, dino, optimizer, scaler
+        self.args, self.config, self.device, self.is_main = args, config, device, is_main
+        self.total_steps = total_steps
+        self.saved_step: Optional[int] = dino.step if path.exists() else None
+
+    def save(self, epoch: int, path: Optional[Path] = None) -> Optional[str]:
+        """Write the run's state; returns None, or the one-line reason the write failed (a full
+        disk, say), the previous file at ``path`` being intact."""
+        path = path or self.path
+        if not self.is_main:
+            return None
+        extra = {"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}
+        state = self.dino.official_checkpoint(self.optimizer, epoch, self.scaler, vars(self.args),
+                                              model_config=self.config, rng_cpu=torch.get_rng_state(),
+                                              total_steps=self.total_steps, **extra)
+        try:
+            save_checkpoint(path, state)
+        except (OSError, RuntimeError) as failure:
+            # torch.save reports a failed write (ENOSPC, EIO) as a RuntimeError whose context is the OSError.
+            err = failure if isinstance(failure, OSError) else failure.__context__
+            if not isinstance(err, OSError):
+                raise
+            kept = (f"The checkpoint of step {self.saved_step} at {self.path} is intact" if self.saved_step is not None
+                    else "No checkpoint was written yet")
+            return f"cannot write {path} at step {self.dino.step}: {err.strerror or err}; stopping. {kept}"
+        if path == self.path:
+            self.saved_step = self.dino.step
+        return None
 
 
 def optimizer_step(dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, clip_grad: float,
@@ -89,16 +198,38 @@ def optimizer_step(dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, cl
         dino.clip_gradients_(clip_grad)
     if freeze_last_layer:
         dino.cancel_last_layer_gradients_()
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    dino.optimizer_step(optimizer, scaler)  # skipped after a non-finite loss
+
+
+def warn_cpu_batchnorm(dino: DINO, device: torch.device, is_main: bool) -> None:
+    """Several CPU processes cannot share BatchNorm statistics (torch's SyncBatchNorm needs CUDA): say so once."""
+    if is_main and device.type == "cpu" and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in dino.student.modules()):
+        print("warning: BatchNorm statistics stay per rank on the CPU: torch's SyncBatchNorm needs CUDA, so each "
+              "rank normalises its own batch and the run differs from one process on the whole batch "
+              "(a ViT has no BatchNorm)", file=sys.stderr, flush=True)
+
+
+def diverged(report: str, checkpointer: Checkpointer) -> str:
+    """The one line a run stopped by a non-finite step ends with: what, where, and what is kept."""
+    kept = (f"the last good checkpoint is {checkpointer.path} (step {checkpointer.saved_step})"
+            if checkpointer.saved_step is not None else "there is no last good checkpoint: none was written before it")
+    return f"{report}; stopping without saving after it: {kept}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dino-train``; returns the exit status (0 finished, 1 stopped on a non-finite loss)."""
+    """``dino-train``; returns the exit status: 0 finished (or its --time_budget_min ran out), 1 stopped on
+    a non-finite loss or a failed save, 2 a user error, 143 / 130 stopped by SIGTERM / SIGINT (saved)."""
     return run_program("dino-train", _main, argv)
+
+
+def build_schedules(args: argparse.Namespace, total_steps: int, warmup_steps: int, world_size: int) -> DINOSchedules:
+    """The official per-step lr (scaled by the global batch / 256), weight decay and momentum."""
+    global_batch = args.batch_size_per_gpu * world_size * args.grad_accum_steps
+    return DINOSchedules.official(
+        total_steps, lr=args.lr * global_batch / 256.0, min_lr=args.min_lr, warmup_steps=warmup_steps,
+        weight_decay=args.weight_decay, weight_decay_end=args.weight_decay_end,
+        momentum_teacher=args.momentum_teacher)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -121,23 +252,19 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                          "batches of an epoch")
     total_steps, epochs, warmup_steps = schedule_lengths(args, steps_per_epoch)
 
-    # ---- DINO: the library's three-line path -----------------------------------------------------
-    global_batch = args.batch_size_per_gpu * world_size * args.grad_accum_steps
-    schedules = DINOSchedules.official(
-        total_steps, lr=args.lr * global_batch / 256.0, min_lr=args.min_lr, warmup_steps=warmup_steps,
-        weight_decay=args.weight_decay, weight_decay_end=args.weight_decay_end,
-        momentum_teacher=args.momentum_teacher)
+    # ---- DINO: the library's three-line path, and the optimizer ----------------------------------
     head = dict(out_dim=args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer,
                 hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim)
     dino = DINO(backbone_from_flags(config), **head, input_size=(args.in_chans,) + (args.global_crop_size,) * 2,
                 teacher_temp=args.teacher_temp, warmup_teacher_temp=args.warmup_teacher_temp,
                 warmup_teacher_temp_epochs=min(args.warmup_teacher_temp_epochs, epochs), nepochs=epochs,
-                schedules=schedules).to(device)
+                schedules=build_schedules(args, total_steps, warmup_steps, world_size)).to(device)
     config["head"] = dict(in_dim=dino.student.head.in_dim, nlayers=3, **head)
     if args.channels_last:
         dino.to(memory_format=torch.channels_last)  # 4-D weights of student and teacher
     if world_size > 1:
         dino.distribute(device_ids=[device.index] if device.type == "cuda" else None)
+        warn_cpu_batchnorm(dino, device, is_main)
     if args.compile:
         dino.compile_forwards()
     optimizer = build_optimizer(args.optimizer, dino.param_groups())
@@ -145,16 +272,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     # ---- resume ----------------------------------------------------------------------------------
     ckpt_path = out / "checkpoint.pth"
+    if is_main and (stale := remove_stale_temp_files(out)):
+        print(f"removed {len(stale)} temporary file(s) of interrupted saves: {', '.join(stale)}", flush=True)
     if ckpt_path.exists():
-        resume(ckpt_path, dino, optimizer, scaler, device)
+        resume(ckpt_path, dino, optimizer, scaler, device, args, total_steps)
         if is_main:
             print(f"resumed from {ckpt_path} at step {dino.step}", flush=True)
-
-    def save(epoch: int, path: Path = ckpt_path) -> None:
-        if is_main:
-            extra = {"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
-            save_checkpoint(path, dino.official_checkpoint(optimizer, epoch, scaler, vars(args), model_config=config,
-                                                           rng_cpu=torch.get_rng_state(), **extra))
+    checkpointer = Checkpointer(ckpt_path, dino, optimizer, scaler, args, config, device, is_main, total_steps)
 
     def knn(train_n: Optional[int] = None, test_n: Optional[int] = None) -> float:
         train_set, test_set = eval_datasets(args.dataset, eval_path, args.in_chans, args.global_crop_size)
@@ -176,7 +300,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         run_log.start_progress(total_steps, dino.step)
 
     # ---- training loop ---------------------------------------------------------------------------
-    start_time, data_iter, stop_reason = time.time(), None, "finished"
+    control = RunControl(args, world_size, device)  # SIGTERM / SIGINT, wall-clock saves, time budget
+    data_iter = None
     epoch_loss_sum, epoch_loss_count = torch.zeros((), device=device), 0
     dino.train()
     while dino.step < total_steps:
@@ -187,7 +312,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         values = dino.apply_schedules(optimizer)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(args.grad_accum_steps):
-            views = make_views(next(data_iter)[0], augment_on_device, args, step, micro, rank, device)
+            images, _, keys = next(data_iter)  # keys: the samples' global indices, epoch * N + index
+            views = make_views(images, augment_on_device, args, step, micro, rank, device, keys=keys)
+            torch.manual_seed(model_seed(args.seed, step, micro, rank))  # drop path: no RNG history
             with dino.no_sync(micro < args.grad_accum_steps - 1), autocast(args.precision, device):
                 loss = dino(views, epoch) / args.grad_accum_steps
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -196,12 +323,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         optimizer_step(dino, optimizer, scaler, args.clip_grad, freeze_last_layer=epoch < args.freeze_last_layer)
         momentum = dino.update_teacher()
         step += 1
-
-        if step % args.log_every == 0 or step == total_steps:
+        log_point = step % args.log_every == 0 or step == total_steps
+        if (device.type == "cpu" or log_point) and (report := dino.nonfinite_report()) is not None:
+            return run_log.fail(diverged(report, checkpointer))  # read where the host syncs anyway
+        if log_point:
             loss_value = loss.item() * args.grad_accum_steps  # the only per-log host sync
-            if not math.isfinite(loss_value):
-                return run_log.fail(f"loss is non-finite ({loss_value}) at step {step} (epoch {epoch}); stopping. "
-                                    f"The last good checkpoint is kept at {ckpt_path}")
             run_log.step({"step": step, "epoch": epoch, "train_loss": loss_value, "lr": values["lr"],
                           "wd": values["weight_decay"], "momentum": momentum,
                           "teacher_temp": dino.criterion.teacher_temp_at(epoch),
@@ -211,31 +337,35 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             run_log.metrics({"step": step, periodic_key: knn(*subsets), "knn_subset": subsets})
 
         end_of_epoch = step % steps_per_epoch == 0
-        timed_out = args.time_budget_min is not None and time.time() - start_time > 60 * args.time_budget_min
         periodic = bool(args.save_every_steps) and step % args.save_every_steps == 0
-        if end_of_epoch or step == total_steps or timed_out or periodic:
+        if control.poll(step) or end_of_epoch or step == total_steps or periodic:
+            if (report := dino.nonfinite_report()) is not None:  # never save after a non-finite step
+                return run_log.fail(diverged(report, checkpointer))
             epoch_mean = (epoch_loss_sum / max(epoch_loss_count, 1)).item()  # mean of per-step losses
-            weights_finite = torch.stack([torch.isfinite(q).all() for q in dino.student.parameters()]).all().item()
-            if not (math.isfinite(epoch_mean) and weights_finite):
-                what = "loss" if not math.isfinite(epoch_mean) else "student weights"
-                return run_log.fail(f"{what} became non-finite by step {step} (epoch {epoch}); stopping without "
-                                    f"saving. The last good checkpoint is kept at {ckpt_path}")
-            save(epoch + 1 if end_of_epoch else epoch)
+            failure = checkpointer.save(epoch + 1 if end_of_epoch else epoch)
+            control.saved()
             if end_of_epoch:
                 run_log.epoch({"train_loss": epoch_mean, "train_lr": values["lr"],
                                "train_wd": values["weight_decay"], "epoch": epoch})  # official log.txt line
-                if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                    save(epoch + 1, out / f"checkpoint{epoch:04}.pth")
+                if args.saveckp_freq and epoch % args.saveckp_freq == 0 and not failure:
+                    failure = checkpointer.save(epoch + 1, out / f"checkpoint{epoch:04}.pth")
                 epoch_loss_sum.zero_()
                 epoch_loss_count = 0
-        if timed_out:
-            stop_reason = f"time budget of {args.time_budget_min} min reached"
+            if failure:
+                return run_log.fail(failure)
+        if control.stop_reason:
             break
     run_log.close()
+    control.close()
 
     # ---- final evaluation and pictures -----------------------------------------------------------
+    elapsed = time.time() - control.start
     if is_main:
-        print(f"stopped at step {dino.step}/{total_steps}: {stop_reason} ({time.time() - start_time:.0f}s)", flush=True)
+        print(f"stopped at step {dino.step}/{total_steps}: {control.stop_reason or 'finished'} ({elapsed:.0f}s)"
+              + (f"; checkpoint saved, exit status {control.exit_code}" if control.exit_code else ""), flush=True)
+    if control.exit_code:
+        run_log.finish([])
+    elif is_main:
         if not args.no_final_knn:
             top1 = knn()
             run_log.metrics({"step": dino.step, "knn_top1": top1, "final": True})
@@ -245,7 +375,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if distributed.is_distributed():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return control.exit_code
 
 
 if __name__ == "__main__":

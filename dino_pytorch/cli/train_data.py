@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -12,6 +14,29 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._setup import UsageError
+
+
+def quiet_stop_signals(worker_id: int) -> None:
+    """DataLoader workers outlive the SIGTERM / SIGINT a cluster or a terminal sends to the whole
+    process group, so the main process can finish its step (its batches still coming) and save.
+
+    SIGINT is ignored. SIGTERM is blocked and taken by a thread that ends the worker only when the
+    main process sent it (the loader's own shutdown, ``Process.terminate`` at exit) or is gone.
+    Where ``sigwaitinfo`` does not exist (macOS), SIGTERM keeps its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    # Blocked in this thread before any other starts: every later thread inherits the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_the_parent() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_the_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 def build_data(
@@ -34,22 +59,36 @@ def build_data(
             raise UsageError(f"--data_path {args.data_path!r}: not a directory of image folders")
         base = ImageFolder(args.data_path)
     on_device = BatchedMultiCrop(recipe=recipe) if args.augment == "batched" else None
-    dataset = SeededTransform(base, MultiCropTransform(recipe=recipe) if on_device is None else (lambda x: x),
-                              seed=args.seed)
+    # Items are (views or raw image, label, key): the key, the sample's global index epoch * N + index,
+    # seeds the batched augmenter per sample in make_views, as it seeds the per-image one here.
+    dataset = SeededTransform(base, MultiCropTransform(recipe=recipe) if on_device is None else None,
+                              seed=args.seed, return_key=True)
     sampler = ResumableSampler(len(dataset), args.batch_size_per_gpu, seed=args.seed, rank=rank, world_size=world_size)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=args.num_workers > 0)
+                        persistent_workers=args.num_workers > 0, worker_init_fn=quiet_stop_signals)
     return loader, sampler, on_device
 
 
 def make_views(images: Any, augment_on_device: Any, args: argparse.Namespace, step: int, micro: int, rank: int,
-               device: torch.device) -> list[torch.Tensor]:
-    """The multi-crop views of one micro-batch on ``device``: made there (batched augmenter, seeded by
-    step), or moved there (per-image augmenter in the workers)."""
+               device: torch.device, keys: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """The multi-crop views of one micro-batch on ``device``: made there (batched augmenter), or moved
+    there (per-image augmenter in the workers).
+
+    The batched augmenter draws each sample's parameters from ``sample_seed(args.seed, key)``, where
+    ``keys`` are the samples' global indices (the loader's third item), as the per-image path does:
+    the views depend on neither the rank nor the batch layout, so a 2-process run with batch B and a
+    1-process run with 2B see the same views.  Without ``keys`` it falls back to one stream per
+    (step, micro-batch, rank), which does depend on the rank.
+    """
     if augment_on_device is not None:
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + micro * 131 + rank)
-        views = augment_on_device(images.to(device, non_blocking=True), generator=generator)
+        if keys is not None:
+            from ..datasets import sample_seeds
+
+            views = augment_on_device(images.to(device, non_blocking=True), seeds=sample_seeds(args.seed, keys))
+        else:
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + micro * 131 + rank)
+            views = augment_on_device(images.to(device, non_blocking=True), generator=generator)
     else:
         views = [im.to(device, non_blocking=True) for im in images]
     if args.channels_last:

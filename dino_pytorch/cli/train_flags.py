@@ -3,11 +3,15 @@ them, and the checks argparse cannot express, in the user's names (one-line erro
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..precision import PRECISIONS
-from ._setup import UsageError, add_model_args, bool_flag, image_channels
+from ._setup import UsageError, add_debug_flag, add_model_args, bool_flag, check_flags, image_channels
 
 DESCRIPTION = """Train DINO: the library's three-line DINO plus a loop.
 
@@ -85,12 +89,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true",
                    help="also write metrics.jsonl's scalars, curves.png and the attention maps to "
                         "output_dir/tensorboard (needs the tensorboard extra)")
+    p.add_argument("--save_every_min", default=10.0, type=float,
+                   help="also checkpoint when this many minutes have passed since the last save (0: off)")
+    p.add_argument("--allow_schedule_change", action="store_true",
+                   help="resume even if the flags that define the schedules differ from the checkpoint's")
+    add_debug_flag(p)
     return p
 
 
+FLAG_RULES = dict(
+    patch_size="int>=1", vit_depth="int>=1", vit_embed_dim="int>=1", width="int>=1", pool="int>=1",
+    out_dim="int>=1", hidden_dim="int>=1", bottleneck_dim="int>=1", batch_size_per_gpu="int>=1", epochs="int>=1",
+    grad_accum_steps="int>=1", log_every="int>=1", max_steps="int>=1", global_crop_size="int>=1",
+    local_crop_size="int>=1", knn_train_subset="int>=1", knn_test_subset="int>=1",
+    warmup_teacher_temp_epochs="int>=0", freeze_last_layer="int>=0", warmup_epochs="int>=0",
+    local_crops_number="int>=0", saveckp_freq="int>=0", num_workers="int>=0", warmup_steps="int>=0",
+    knn_every="int>=0", save_every_steps="int>=0", attention_maps="int>=0",
+    lr=">0", warmup_teacher_temp=">0", teacher_temp=">0", time_budget_min=">0",
+    min_lr=">=0", save_every_min=">=0", weight_decay=">=0", weight_decay_end=">=0", clip_grad=">=0",
+    momentum_teacher="[0,1]", drop_path_rate="[0,1)", global_crops_scale="(0,1]", local_crops_scale="(0,1]",
+    output_dir="outdir",
+)
+
+
 def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
-    """Dataset-dependent defaults, and the checks argparse cannot express, in the user's names."""
+    """Dataset-dependent defaults, and every check of the flags' values, in the user's names, before
+    any work starts (one-line errors, exit 2)."""
     small = args.dataset == "fashion_mnist"
+    check_flags(args, **FLAG_RULES, **({} if small else {"data_path": "dir"}))
     args.global_crop_size = args.global_crop_size or (28 if small else 224)
     args.local_crop_size = args.local_crop_size or (16 if small else 96)
     args.augment = args.augment or ("batched" if small else "per_image")
@@ -98,16 +124,30 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
         args.precision = "fp16" if args.use_fp16 and device.type == "cuda" else "fp32"
     for name in ("global_crops_scale", "local_crops_scale"):
         value = tuple(getattr(args, name))
-        if len(value) != 2:
-            raise UsageError(f"--{name} {' '.join(map(str, value))}: expected two numbers (min max)")
+        if len(value) != 2 or value[0] > value[1]:
+            raise UsageError(f"--{name} {' '.join(map(str, value))}: expected two numbers (min max), min <= max")
         setattr(args, name, value)
-    for name in ("grad_accum_steps", "batch_size_per_gpu", "epochs", "log_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} {getattr(args, name)}: expected a positive int")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max_steps {args.max_steps}: expected a positive number of steps")
     if args.augment == "batched" and not small:
         raise UsageError("--augment batched needs equal-size uint8 images: use it with --dataset fashion_mnist")
     args.in_chans = image_channels(args.dataset, args.arch)
 
 
+def check_resume_fits(checkpoint: Mapping[str, Any], student: nn.Module, path: Path) -> None:
+    """Resume only into the network the checkpoint holds: another width, depth or head is a
+    one-line user error naming the mismatch and what to do."""
+    from ..checkpoint import CheckpointError, check_fit, strip_prefixes
+    from ..checkpoint import _unwrap as unwrap
+    from ..model_config import read_model_config
+
+    state = checkpoint.get("student")
+    if not isinstance(state, Mapping):
+        raise UsageError(f"cannot resume from {path}: it holds no 'student' state dict. Move the file away to start "
+                         "afresh")
+    try:
+        check_fit(unwrap(student), strip_prefixes(state, ("module.",)), "student", str(path))
+    except CheckpointError as err:
+        stored = read_model_config(checkpoint, str(path))
+        trained = (f" It was trained as {stored['arch']} {stored['backbone_kwargs']}, head {stored['head']}."
+                   if stored else "")
+        raise UsageError(f"cannot resume: {err}.{trained} Pass the flags it was trained with, or another "
+                         "--output_dir (or move the file away) to start afresh") from None
