@@ -29,7 +29,7 @@ $(FMNIST):
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 test: $(STAMP) $(FMNIST)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2
 
 $(LINT_STAMP): $(STAMP)
 	$(PY) -m pip install -q 'mypy==$(MYPY_VERSION)' 'ruff==$(RUFF_VERSION)'

@@ -26,7 +26,7 @@ setup(
         "Pillow>=9.1",  # augmentation (Image.Resampling)
     ],
     extras_require={
-        "dev": ["pytest>=7", "timm>=0.9", "tqdm>=4", "matplotlib>=3.5", "lightning>=2.2", "tensorboard>=2.12"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=0.9", "tqdm>=4", "matplotlib>=3.5", "lightning>=2.2", "tensorboard>=2.12"],
         "train": ["tqdm>=4", "matplotlib>=3.5"],
         "timm": ["timm>=0.9"],
         "lightning": ["lightning>=2.2"],

@@ -14,3 +14,8 @@ import torch
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton_interpret"]
 if not torch.cuda.is_available():
     collect_ignore.append("cuda")
+
+# Under pytest-xdist (make test runs two workers on the two cores) each worker keeps one intra-op
+# thread, so the workers do not oversubscribe the cores; subprocess tests set OMP_NUM_THREADS=1.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
