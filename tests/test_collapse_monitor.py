@@ -81,3 +81,20 @@ def test_thresholds_are_validated():
         CollapseThresholds(uniform_fraction=1.5)
     with pytest.raises(ValueError, match="window=0"):
         CollapseThresholds(window=0)
+
+
+def test_the_training_log_says_a_collapse_once_and_records_it(tmp_path, capsys):
+    import json
+
+    from dino_pytorch.cli.train_report import RunLog
+
+    run_log = RunLog(tmp_path, is_main=True, monitor=CollapseMonitor(K))
+    for step in (10, 20):
+        probs = batch("one_hot", step)
+        metrics = {k: v.item() for k, v in collapse_metrics(probs, torch.zeros(1, K), torch.tensor(0.5)).items()}
+        run_log.step({"step": step, "train_loss": 0.5, "lr": 1e-3, "momentum": 0.996, "teacher_temp": 0.04,
+                      **metrics})
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "collapse" in line]
+    assert len(warnings) == 1 and "one-hot collapse at step 10" in warnings[0]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "one-hot collapse" in records[0]["collapse"] and "collapse" not in records[1]

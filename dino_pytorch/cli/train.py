@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .. import distributed
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..diagnostics import CollapseMonitor, CollapseThresholds
 from ..dino import DINO
 from ..optim import build_optimizer
 from ..precision import autocast, grad_scaler
@@ -258,7 +259,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     dino = DINO(backbone_from_flags(config), **head, input_size=(args.in_chans,) + (args.global_crop_size,) * 2,
                 teacher_temp=args.teacher_temp, warmup_teacher_temp=args.warmup_teacher_temp,
                 warmup_teacher_temp_epochs=min(args.warmup_teacher_temp_epochs, epochs), nepochs=epochs,
-                schedules=build_schedules(args, total_steps, warmup_steps, world_size)).to(device)
+                schedules=build_schedules(args, total_steps, warmup_steps, world_size),
+                koleo_weight=args.koleo_weight).to(device)
     config["head"] = dict(in_dim=dino.student.head.in_dim, nlayers=3, **head)
     if args.channels_last:
         dino.to(memory_format=torch.channels_last)  # 4-D weights of student and teacher
@@ -286,7 +288,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     # ---- logging and the k-NN at random init ---------------------------------------------------------
     eval_path = None if args.dataset == "fashion_mnist" else args.data_path
-    run_log = RunLog(out, is_main, tensorboard=args.tensorboard)
+    run_log = RunLog(out, is_main, args.tensorboard, CollapseMonitor(args.out_dim, CollapseThresholds(warmup_steps)))
     subsets = [args.knn_train_subset, args.knn_test_subset]
     periodic_key = "knn_top1_subset" if any(subsets) else "knn_top1"
     random_init_knn = None

@@ -83,6 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--global_crop_size", default=None, type=int, help="default 224 (28 for fashion_mnist)")
     p.add_argument("--local_crop_size", default=None, type=int, help="default 96 (16 for fashion_mnist)")
     p.add_argument("--hidden_dim", default=2048, type=int)
+    p.add_argument("--koleo_weight", default=0.0, type=float,
+                   help="DINOv2's KoLeo regulariser on each global view's student features (0: off; DINOv2: 0.1)")
     p.add_argument("--bottleneck_dim", default=256, type=int)
     p.add_argument("--attention_maps", default=4, type=int, help="ViT only: attention PNGs of N test images at the end")
     p.add_argument("--no_progress", action="store_true", help="plain log lines instead of a tqdm bar")
@@ -106,7 +108,7 @@ FLAG_RULES = dict(
     local_crops_number="int>=0", saveckp_freq="int>=0", num_workers="int>=0", warmup_steps="int>=0",
     knn_every="int>=0", save_every_steps="int>=0", attention_maps="int>=0",
     lr=">0", warmup_teacher_temp=">0", teacher_temp=">0", time_budget_min=">0",
-    min_lr=">=0", save_every_min=">=0", weight_decay=">=0", weight_decay_end=">=0", clip_grad=">=0",
+    min_lr=">=0", save_every_min=">=0", weight_decay=">=0", weight_decay_end=">=0", clip_grad=">=0", koleo_weight=">=0",
     momentum_teacher="[0,1]", drop_path_rate="[0,1)", global_crops_scale="(0,1]", local_crops_scale="(0,1]",
     output_dir="outdir",
 )

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..diagnostics import CollapseMonitor
 from ..model_config import is_vit
 from ._setup import eval_datasets, optional_extra
 
@@ -32,8 +33,9 @@ class RunLog:
     """metrics.jsonl (every record), log.txt (one official line per epoch), the progress display,
     and with ``tensorboard`` the records' numbers as TensorBoard scalars in ``out/tensorboard``."""
 
-    def __init__(self, out: Path, is_main: bool, tensorboard: bool = False) -> None:
-        self.out, self.is_main = out, is_main
+    def __init__(self, out: Path, is_main: bool, tensorboard: bool = False,
+                 monitor: Optional[CollapseMonitor] = None) -> None:
+        self.out, self.is_main, self.monitor = out, is_main, monitor
         self.bar: Any = None
         self.writer: Any = None
         self.last_step = 0
@@ -65,7 +67,13 @@ class RunLog:
                     self.writer.add_scalar(key, value, step)
 
     def step(self, record: dict[str, Any]) -> None:
-        """A training-step record: to metrics.jsonl, and to the bar (or stdout without one)."""
+        """A training-step record: to metrics.jsonl, and to the bar (or stdout without one). The
+        collapse monitor reads it: a collapse is said once on stderr and recorded under "collapse"."""
+        warning = self.monitor.check(record["step"], record) if self.monitor is not None else None
+        if warning is not None:
+            record = {**record, "collapse": warning}
+            if self.is_main:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         self.metrics(record)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}",
