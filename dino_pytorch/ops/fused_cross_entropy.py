@@ -270,19 +270,11 @@ class MultiviewCrossEntropyStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        student: Tensor,
-        teacher: Tensor,
-        student_temp: float,
-        num_views: int,
-        chunk_rows: Optional[int],
-        engine: str,
-        inplace_backward: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        loss, lse, entropy = _forward(
-            ctx, student, teacher, student_temp, num_views, chunk_rows, engine, inplace_backward, True
-        )
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        # The inputs of MultiviewCrossEntropy.forward (inplace_backward optional, default False).
+        student, teacher, student_temp, num_views, chunk_rows, engine, *inplace = inputs
+        loss, lse, entropy = _forward(ctx, student, teacher, student_temp, num_views, chunk_rows, engine,
+                                      bool(inplace and inplace[0]), True)
         assert lse is not None and entropy is not None
         ctx.mark_non_differentiable(lse, entropy)
         return loss, lse, entropy
