@@ -288,7 +288,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     # ---- logging and the k-NN at random init ---------------------------------------------------------
     eval_path = None if args.dataset == "fashion_mnist" else args.data_path
-    run_log = RunLog(out, is_main, args.tensorboard, CollapseMonitor(args.out_dim, CollapseThresholds(warmup_steps)))
+    monitor = CollapseMonitor(args.out_dim, CollapseThresholds(warmup_steps=warmup_steps))  # says collapse once
+    run_log = RunLog(out, is_main, args.tensorboard, monitor)
     subsets = [args.knn_train_subset, args.knn_test_subset]
     periodic_key = "knn_top1_subset" if any(subsets) else "knn_top1"
     random_init_knn = None
