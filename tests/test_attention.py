@@ -117,14 +117,3 @@ def test_save_dataset_attention_maps(tmp_path):
     written = save_dataset_attention_maps(model, dataset, tmp_path, count=2, threshold=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000", "001"] and len(written) == 2 * 4
     assert len(save_dataset_attention_maps(model, images, tmp_path / "all", threshold=0.6)) == 3 * 7
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-@pytest.fixture()
-def png(tmp_path):
-    y, x = torch.meshgrid(torch.linspace(0, 1, 50), torch.linspace(0, 1, 70), indexing="ij")
-    rgb = torch.stack([x, y, (x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.1], dim=-1).float()
-    path = tmp_path / "photo.png"
-    matplotlib.image.imsave(path, rgb.numpy())
-    return path

@@ -18,25 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from augment_cases import ALL_OFF, MEAN, STD
 from dino_pytorch.augment import BatchedMultiCrop, MultiCropTransform, ViewParams, multicrop_collate, stack_images
 from dino_pytorch.augment.functional import to_grey_image
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 SMALL = dict(global_crop_size=8, local_crop_size=4)
-# Every random op off and an identity crop geometry, so only resize + normalise remain.
-ALL_OFF = dict(
-    global_crops_scale=(1.0, 1.0),
-    local_crops_scale=(1.0, 1.0),
-    ratio=(1.0, 1.0),
-    flip_prob=0.0,
-    color_jitter_prob=0.0,
-    grayscale_prob=0.0,
-    global_blur_probs=0.0,
-    local_blur_prob=0.0,
-    global_solarize_probs=0.0,
-    local_solarize_prob=0.0,
-)
 N = 2000  # batch size of the statistical tests
 
 
