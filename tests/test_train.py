@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from train_cases import TINY_VIT_SGD
+
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = (str(ROOT / "tests" / "crash_after_save.py"),)  # dino-train with test-only hooks
 SMALL = [
@@ -104,12 +106,7 @@ def test_two_process_ddp_equals_one_process_on_the_doubled_batch(tmp_path):
     # SGD (its step is proportional to the gradient, so summing instead of averaging over ranks would
     # double it; AdamW would hide that), a real lr, and a fast teacher, so every state moves well
     # beyond the tolerance. Updates (final - initial) are compared relatively.
-    common = ["--dataset", "fashion_mnist", "--arch", "vit_tiny", "--patch_size", "7", "--out_dim", "128",
-              "--hidden_dim", "32", "--bottleneck_dim", "16", "--local_crops_number", "2", "--num_workers", "0",
-              "--no_final_knn", "--no_progress", "--warmup_epochs", "0", "--drop_path_rate", "0",
-              "--augment", "per_image", "--max_steps", "3", "--log_every", "1", "--attention_maps", "0",
-              "--freeze_last_layer", "0", "--optimizer", "sgd", "--lr", "2.0", "--momentum_teacher", "0.5",
-              "--clip_grad", "0", "--weight_decay", "0", "--weight_decay_end", "0", "--saveckp_freq", "0"]
+    common = [*TINY_VIT_SGD, "--max_steps", "3", "--lr", "2.0", "--momentum_teacher", "0.5"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     # The initial weights (the same seed on every layout) are written by the single run itself.
     run(common + ["--batch_size_per_gpu", "8", "--output_dir", str(single)], module=FAULTS,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from reference import official_cosine_scheduler, official_teacher_temp_schedule
+from train_cases import TINY_VIT_SGD
 
 ROOT = Path(__file__).resolve().parents[1]
 # Copied from tests/test_train.py (not imported: that file changes independently).
@@ -201,13 +202,8 @@ def test_grad_accum_two_by_8_equals_one_by_16(tmp_path):
     # SGD (its step is proportional to the gradient: a wrong accumulation scale shows), a real lr,
     # --momentum_teacher 1.0 (the teacher stays the initial weights: the start to measure updates
     # from), per-image augmentation (seeded per sample, so both runs see the same views).
-    common = ["--dataset", "fashion_mnist", "--arch", "vit_tiny", "--patch_size", "7", "--vit_depth", "2",
-              "--vit_embed_dim", "48", "--out_dim", "128", "--hidden_dim", "32", "--bottleneck_dim", "16",
-              "--local_crops_number", "2", "--num_workers", "0", "--no_final_knn", "--no_progress",
-              "--warmup_epochs", "0", "--drop_path_rate", "0", "--augment", "per_image", "--max_steps", "2",
-              "--log_every", "1", "--attention_maps", "0", "--freeze_last_layer", "0", "--optimizer", "sgd",
-              "--lr", "20.0", "--momentum_teacher", "1.0", "--clip_grad", "0", "--weight_decay", "0",
-              "--weight_decay_end", "0", "--saveckp_freq", "0"]
+    common = [*TINY_VIT_SGD, "--vit_depth", "2", "--vit_embed_dim", "48", "--max_steps", "2", "--lr", "20.0",
+              "--momentum_teacher", "1.0"]
     accum, big = tmp_path / "accum", tmp_path / "big"
     run(common + ["--batch_size_per_gpu", "8", "--grad_accum_steps", "2", "--output_dir", str(accum)])
     run(common + ["--batch_size_per_gpu", "16", "--output_dir", str(big)])
