@@ -1,13 +1,10 @@
 """The reference training script end to end: resume, crash safety, NaN stop, DDP equivalence."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from train_cases import TINY_VIT_SGD
+from train_cases import TINY_VIT_SGD, load, run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = (str(ROOT / "tests" / "crash_after_save.py"),)  # dino-train with test-only hooks
@@ -17,19 +14,6 @@ SMALL = [
     "--num_workers", "0", "--no_final_knn", "--no_progress", "--log_every", "2", "--warmup_epochs", "0",
     "--freeze_last_layer", "0", "--save_every_min", "0",
 ]
-
-
-def run(args, env=None, module=("-m", "dino_pytorch.train"), launcher=None, check=True):
-    cmd = [sys.executable, *(launcher or []), *module, *args]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_state(a, b, atol=0.0):

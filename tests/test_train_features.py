@@ -11,10 +11,7 @@ bitwise, and with ``--momentum_teacher 1.0`` the teacher stays the initial weigh
 """
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from reference import official_cosine_scheduler, official_teacher_temp_schedule
-from train_cases import TINY_VIT_SGD
+from train_cases import TINY_VIT_SGD, load, run
 
 ROOT = Path(__file__).resolve().parents[1]
 # Copied from tests/test_train.py (not imported: that file changes independently).
@@ -33,19 +30,6 @@ SMALL = [
     "--freeze_last_layer", "0",
 ]
 LAST_LAYER = ("head.last_layer.weight_v", "head.last_layer.weight_g")
-
-
-def run(args, check=True, env=None):
-    cmd = [sys.executable, "-m", "dino_pytorch.cli.train", *args]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def records(out):
