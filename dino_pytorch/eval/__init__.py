@@ -1,5 +1,5 @@
 """Evaluation of frozen features: weighted k-NN and the linear probe (official DINO protocols)."""
-from .knn import extract_features, knn_classifier, knn_eval
+from .knn import extract_features, knn_classifier, knn_eval, nearest_neighbours
 from .linear import LinearClassifier, train_linear_probe, vit_linear_features
 
 __all__ = [
@@ -7,6 +7,7 @@ __all__ = [
     "extract_features",
     "knn_classifier",
     "knn_eval",
+    "nearest_neighbours",
     "train_linear_probe",
     "vit_linear_features",
 ]

@@ -12,7 +12,7 @@ any number of test images (the official one divides the test set into 100 chunks
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional, Union
 
 import torch
@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from ..validate import check_optional_positive_int, check_positive_float, check_positive_int
 from ..wrapper import backbone_tensor
 
-__all__ = ["extract_features", "knn_classifier", "knn_eval", "load_features", "save_features"]
+__all__ = [
+    "extract_features", "knn_classifier", "knn_eval", "load_features", "nearest_neighbours", "save_features",
+]
 
 # Default cap on one chunk's (chunk, N_train) similarity matrix.
 _CHUNK_BYTES = 256 * 2**20
@@ -41,36 +43,48 @@ def _check_labels(name: str, labels: Tensor, n: int, features_name: str) -> None
         raise ValueError(f"{name} contains the negative label {int(labels.min())}, expected labels >= 0")
 
 
-def _check_inputs(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-    ks: Sequence[int], T: float, num_classes: Optional[int], chunk_size: Optional[int],
-) -> int:
-    """Validates everything; returns the number of classes."""
-    for name, feats in (("train_features", train_features), ("test_features", test_features)):
+def _check_features(train_features: Tensor, query_features: Tensor, query_name: str) -> None:
+    """Both (N, D) floating-point tensors of one dtype and width, neither empty."""
+    for name, feats in (("train_features", train_features), (query_name, query_features)):
         if not isinstance(feats, Tensor):
             raise TypeError(f"{name} is a {type(feats).__name__}, expected a floating-point Tensor (N, D)")
         if not feats.dtype.is_floating_point:
             raise TypeError(f"{name} has dtype {feats.dtype}, expected a floating-point dtype")
         if feats.ndim != 2:
             raise ValueError(f"{name} has shape {tuple(feats.shape)}, expected (N, D)")
-    if train_features.shape[1] != test_features.shape[1]:
+    if train_features.shape[1] != query_features.shape[1]:
         raise ValueError(
-            f"train_features has D={train_features.shape[1]} but test_features has "
-            f"D={test_features.shape[1]}, expected the same feature width"
+            f"train_features has D={train_features.shape[1]} but {query_name} has "
+            f"D={query_features.shape[1]}, expected the same feature width"
         )
-    if train_features.dtype != test_features.dtype:
+    if train_features.dtype != query_features.dtype:
         raise TypeError(
-            f"train_features is {train_features.dtype} but test_features is {test_features.dtype}, "
+            f"train_features is {train_features.dtype} but {query_name} is {query_features.dtype}, "
             "expected the same dtype"
         )
+    n_train, n_query = train_features.shape[0], query_features.shape[0]
+    if n_train == 0 or n_query == 0:
+        raise ValueError(f"got {n_train} train and {n_query} {query_name.split('_')[0]} features, "
+                         "expected at least one of each")
+
+
+def _check_k(k: int, n_train: int) -> int:
+    if check_positive_int("k", k) > n_train:
+        raise ValueError(f"k={k} but there are only {n_train} training features, expected k <= {n_train}")
+    return k
+
+
+def _check_inputs(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+    ks: Sequence[int], T: float, num_classes: Optional[int], chunk_size: Optional[int],
+) -> int:
+    """Validates everything; returns the number of classes."""
+    _check_features(train_features, test_features, "test_features")
     n_train, n_test = train_features.shape[0], test_features.shape[0]
-    if n_train == 0 or n_test == 0:
-        raise ValueError(f"got {n_train} train and {n_test} test features, expected at least one of each")
     _check_labels("train_labels", train_labels, n_train, "train_features")
     _check_labels("test_labels", test_labels, n_test, "test_features")
     for k in ks:
-        if check_positive_int("k", k) > n_train:
-            raise ValueError(f"k={k} but there are only {n_train} training features, expected k <= {n_train}")
+        _check_k(k, n_train)
     check_positive_float("T", T)
     check_optional_positive_int("chunk_size", chunk_size)
     max_label = max(int(train_labels.max()), int(test_labels.max()))
@@ -85,6 +99,17 @@ def _check_inputs(
 def _default_chunk(n_train: int, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(1, _CHUNK_BYTES // (itemsize * n_train))
+
+
+def _similarity_chunks(
+    train_features: Tensor, query_features: Tensor, chunk_size: Optional[int]
+) -> Iterator[tuple[int, Tensor]]:
+    """(first query row, (b, N_train) similarities ``query . train``) chunk by chunk, on the
+    train features' device: one (chunk, N_train) matrix at a time bounds the memory."""
+    chunk = chunk_size or _default_chunk(train_features.shape[0], train_features.dtype)
+    train_t = train_features.t()  # (D, N_train)
+    for start in range(0, query_features.shape[0], chunk):
+        yield start, query_features[start: start + chunk].to(train_features.device) @ train_t
 
 
 def _class_scores(sim: Tensor, train_labels: Tensor, k: int, T: float, num_classes: int) -> Tensor:
@@ -151,12 +176,9 @@ def knn_eval(
     train_labels = train_labels.to(device=device, dtype=torch.int64)
     test_labels = test_labels.to(device=device, dtype=torch.int64)
     n_test = test_features.shape[0]
-    chunk = chunk_size or _default_chunk(train_features.shape[0], train_features.dtype)
-    train_t = train_features.t()  # (D, N_train)
     hits = {k: [0, 0] for k in ks}
-    for start in range(0, n_test, chunk):
-        sim = test_features[start: start + chunk].to(device) @ train_t  # (b, N_train)
-        targets = test_labels[start: start + chunk]
+    for start, sim in _similarity_chunks(train_features, test_features, chunk_size):
+        targets = test_labels[start: start + sim.shape[0]]
         for k in ks:
             top1, top5 = _correct(_class_scores(sim, train_labels, k, T, num_classes), targets, k)
             hits[k][0] += top1
@@ -183,6 +205,42 @@ def knn_classifier(
     k = check_positive_int("k", k)
     return knn_eval(train_features, train_labels, test_features, test_labels, (k,), T, num_classes,
                     chunk_size=chunk_size)[k]
+
+
+@torch.no_grad()
+def nearest_neighbours(
+    train_features: Tensor,
+    query_features: Tensor,
+    k: int,
+    *,
+    normalize: bool = True,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Indices of the ``k`` training rows most similar to each query row, nearest first.
+
+    The similarity is the dot product the k-NN classifier uses, i.e. the cosine once both sides
+    are L2-normalised (``normalize``; features from :func:`extract_features` already are).
+
+    Args:
+        train_features: (N, D) floating point; the bank searched.
+        query_features: (M, D), same dtype; moved to ``train_features``' device chunk by chunk.
+        k: neighbours per query, in [1, N].
+        normalize: L2-normalise both sides along dim 1 first (cosine similarity).
+        chunk_size: query rows per similarity matrix; by default as many as keep the (chunk, N)
+            matrix under 256 MiB.
+
+    Returns:
+        (M, k) int64 indices into ``train_features``, on its device, most similar first.
+    """
+    _check_features(train_features, query_features, "query_features")
+    k = _check_k(k, train_features.shape[0])
+    check_optional_positive_int("chunk_size", chunk_size)
+    if normalize:
+        train_features = F.normalize(train_features, dim=1, p=2)
+        query_features = F.normalize(query_features, dim=1, p=2)
+    indices = [sim.topk(k, dim=1, largest=True, sorted=True).indices
+               for _, sim in _similarity_chunks(train_features, query_features, chunk_size)]
+    return torch.cat(indices)
 
 
 @torch.no_grad()
