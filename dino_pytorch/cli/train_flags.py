@@ -3,14 +3,16 @@ them, and the checks argparse cannot express, in the user's names (one-line erro
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..precision import PRECISIONS
+from ..precision import PRECISION_REQUESTS, native_precision, resolve_precision, support_note
 from ._setup import UsageError, add_debug_flag, add_model_args, bool_flag, check_flags, image_channels
 
 DESCRIPTION = """Train DINO: the library's three-line DINO plus a loop.
@@ -59,8 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     # --- ours ---
     p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion_mnist"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="default: fp16 when --use_fp16 and on CUDA, else fp32")
+    p.add_argument("--precision", default=None, choices=PRECISION_REQUESTS,
+                   help="default: fp16 when --use_fp16 and on CUDA, else fp32. auto: bf16 where the device "
+                        "does it natively (a CPU with AMX, an Ampere or later GPU), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     p.add_argument("--channels_last", action="store_true",
                    help="NHWC conv weights and views (oneDNN's faster CPU kernels); measured on the "
@@ -114,16 +117,15 @@ FLAG_RULES = dict(
 )
 
 
-def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
+def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: bool = True) -> None:
     """Dataset-dependent defaults, and every check of the flags' values, in the user's names, before
-    any work starts (one-line errors, exit 2)."""
+    any work starts (one-line errors, exit 2). ``announce``: print :func:`settle_precision`'s lines."""
     small = args.dataset == "fashion_mnist"
     check_flags(args, **FLAG_RULES, **({} if small else {"data_path": "dir"}))
     args.global_crop_size = args.global_crop_size or (28 if small else 224)
     args.local_crop_size = args.local_crop_size or (16 if small else 96)
     args.augment = args.augment or ("batched" if small else "per_image")
-    if args.precision is None:
-        args.precision = "fp16" if args.use_fp16 and device.type == "cuda" else "fp32"
+    settle_precision(args, device, "dino-train", announce)
     for name in ("global_crops_scale", "local_crops_scale"):
         value = tuple(getattr(args, name))
         if len(value) != 2 or value[0] > value[1]:
@@ -132,6 +134,34 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
     if args.augment == "batched" and not small:
         raise UsageError("--augment batched needs equal-size uint8 images: use it with --dataset fashion_mnist")
     args.in_chans = image_channels(args.dataset, args.arch)
+
+
+def settle_precision(args: argparse.Namespace, device: torch.device, prog: str, announce: bool = True) -> None:
+    """``--precision`` resolved once, at start-up, into ``args.precision`` (what autocast runs).
+
+    None (not given): the official default, fp16 with ``--use_fp16`` on CUDA, else fp32. ``auto``:
+    bf16 where ``device`` does it natively, else fp32, said in one line. An explicit bf16 or fp16
+    that the CPU or GPU does not do natively costs one warning line on stderr. ``announce``: print
+    (rank 0). ``args.precision_requested`` keeps what was asked, so a checkpoint's ``args`` hold
+    both, and a resume with ``auto`` resolves afresh on its own machine.
+    """
+    requested = args.precision_requested = args.precision
+    if requested is None:
+        args.precision = "fp16" if args.use_fp16 and device.type == "cuda" else "fp32"
+    elif requested == "auto":
+        args.precision = resolve_precision("auto", device)
+        if dist.is_available() and dist.is_initialized():
+            # A timed probe decides on a CPU: every rank runs what rank 0 measured.
+            agreed = [args.precision]
+            dist.broadcast_object_list(agreed, src=0)
+            args.precision = agreed[0]
+        if announce:
+            print(f"precision auto -> {args.precision} ({support_note('bf16', device)})", flush=True)
+    elif requested != "fp32" and device.type in ("cpu", "cuda") and not native_precision(requested, device):
+        if announce:
+            print(f"{prog}: warning: --precision {requested}: {support_note(requested, device)}; it can be several "
+                  f"times slower than fp32, and --precision auto picks {resolve_precision('auto', device)} here",
+                  file=sys.stderr, flush=True)
 
 
 def check_resume_fits(checkpoint: Mapping[str, Any], student: nn.Module, path: Path) -> None:
