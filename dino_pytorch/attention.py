@@ -1,6 +1,7 @@
 """Attention maps of a DINO ViT, as the official ``visualize_attention.py``: the last block's
 CLS-query attention over the patch keys, one map per head, and the masks holding a fraction of
-its mass. Drawing needs matplotlib only (an optional extra; no cv2 / skimage).
+its mass; and how much of that attention falls on the object (:func:`cls_attention_foreground_share`).
+Drawing needs matplotlib only (an optional extra; no cv2 / skimage).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import torch
 from einops import repeat
@@ -45,12 +46,12 @@ def attention_maps(model: nn.Module, image: Tensor, patch_size: Optional[int] = 
 
     Args:
         model: a ViT with ``get_last_selfattention`` (e.g. :class:`~dino_pytorch.models.VisionTransformer`).
-        image: (C, H, W), normalised as the model expects; H and W are cropped down to multiples
-            of the patch size.
+        image: (C, H, W), or a batch (B, C, H, W), normalised as the model expects; H and W are
+            cropped down to multiples of the patch size.
         patch_size: defaults to ``model.patch_size``.
 
-    Returns: (heads, H // p, W // p) float tensor on the CPU; each head's map sums to at most 1
-    (the rest of the CLS query's mass is on itself).
+    Returns: (heads, H // p, W // p), or (B, heads, H // p, W // p) for a batch, float tensor on
+    the CPU; each head's map sums to at most 1 (the rest of the CLS query's mass is on itself).
     """
     get_last_selfattention = getattr(model, "get_last_selfattention", None)
     if not callable(get_last_selfattention):
@@ -60,8 +61,9 @@ def attention_maps(model: nn.Module, image: Tensor, patch_size: Optional[int] = 
     patch_size = check_positive_int("patch_size", patch_size)
     if getattr(model, "patch_size", patch_size) != patch_size:
         raise ValueError(f"patch_size={patch_size} but the model's patch_size is {model.patch_size}")
-    if not isinstance(image, Tensor) or image.ndim != 3:
-        raise ValueError(f"image has shape {getattr(image, 'shape', type(image).__name__)}, expected (C, H, W)")
+    if not isinstance(image, Tensor) or image.ndim not in (3, 4):
+        raise ValueError(f"image has shape {getattr(image, 'shape', type(image).__name__)}, expected (C, H, W) "
+                         "or (B, C, H, W)")
     if min(image.shape[-2:]) < patch_size:
         raise ValueError(f"image of size {tuple(image.shape[-2:])} is smaller than patch_size={patch_size}")
     image = crop_to_patches(image, patch_size)
@@ -73,10 +75,78 @@ def attention_maps(model: nn.Module, image: Tensor, patch_size: Optional[int] = 
     model.eval()  # no dropout in the maps
     try:
         with torch.no_grad():
-            attn = get_last_selfattention(image.unsqueeze(0))  # (1, heads, N+1, N+1)
+            attn = get_last_selfattention(image if image.ndim == 4 else image.unsqueeze(0))  # (B, heads, N+1, N+1)
     finally:
         model.train(was_training)
-    return attn[0, :, 0, 1:].reshape(attn.shape[1], rows, cols).float().cpu()
+    maps = attn[:, :, 0, 1:].reshape(*attn.shape[:2], rows, cols).float().cpu()
+    return maps if image.ndim == 4 else maps[0]
+
+
+class ForegroundShare(NamedTuple):
+    """:func:`cls_attention_foreground_share`'s result, in percent."""
+
+    share: float
+    """The CLS query's attention on foreground patches (renormalised over the patches), mean over images."""
+    uniform: float
+    """What uniform attention would give: the mean fraction of foreground patches."""
+
+
+def patch_foreground(pixels: Tensor, patch_size: int) -> Tensor:
+    """Which patches hold any non-zero pixel (of any channel).
+
+    Shapes: (N, C, H, W) or (N, H, W), raw or bool pixels -> bool (N, H // p, W // p); H and W are
+    cropped to the patch grid as :func:`attention_maps` crops. Pass the raw images (a garment on a
+    zero background) or a pixel mask, not the model's input: normalising turns zero into a float32
+    ``-mean / std`` that no Python float reliably equals, and resizing blurs it.
+    """
+    check_positive_int("patch_size", patch_size)
+    if not isinstance(pixels, Tensor) or pixels.ndim not in (3, 4):
+        raise ValueError(f"pixels has shape {getattr(pixels, 'shape', type(pixels).__name__)}, expected "
+                         "(N, C, H, W) or (N, H, W)")
+    if min(pixels.shape[-2:]) < patch_size:
+        raise ValueError(f"pixels of size {tuple(pixels.shape[-2:])} are smaller than patch_size={patch_size}")
+    ink = crop_to_patches(pixels, patch_size) != 0
+    if ink.ndim == 4:
+        ink = ink.any(dim=1)
+    n, h, w = ink.shape
+    return ink.reshape(n, h // patch_size, patch_size, w // patch_size, patch_size).any(dim=4).any(dim=2)
+
+
+def cls_attention_foreground_share(
+    model: nn.Module, images: Tensor, foreground: Tensor, patch_size: Optional[int] = None, batch_size: int = 256,
+) -> ForegroundShare:
+    """How much of the last block's CLS attention falls on the object: per image, the CLS query's
+    attention over the patch keys, averaged over heads and renormalised over the patches (its mass
+    on itself left out), summed over the foreground patches; the mean over the images, in percent.
+
+    Args:
+        model: a ViT, as for :func:`attention_maps` (run in eval mode, without gradients).
+        images: (N, C, H, W), normalised as the model expects.
+        foreground: bool (N, H // p, W // p), e.g. :func:`patch_foreground` of the raw images.
+        patch_size: defaults to ``model.patch_size``.
+        batch_size: images per forward pass.
+
+    Returns: a :class:`ForegroundShare`, with the uniform-attention baseline for context.
+    """
+    batch_size = check_positive_int("batch_size", batch_size)
+    if not isinstance(images, Tensor) or images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"images has shape {getattr(images, 'shape', type(images).__name__)}, expected "
+                         "(N, C, H, W) with N >= 1")
+    if not isinstance(foreground, Tensor) or foreground.dtype != torch.bool or foreground.ndim != 3 \
+            or len(foreground) != len(images):
+        raise ValueError(f"foreground is {getattr(foreground, 'dtype', type(foreground).__name__)} of shape "
+                         f"{tuple(getattr(foreground, 'shape', ()))}, expected bool ({len(images)}, H // p, W // p)")
+    shares = []
+    for start in range(0, len(images), batch_size):
+        maps = attention_maps(model, images[start:start + batch_size], patch_size).mean(dim=1)  # (B, h, w)
+        mask = foreground[start:start + batch_size]
+        if mask.shape != maps.shape:
+            raise ValueError(f"foreground has a {tuple(mask.shape[1:])} patch grid, the images a "
+                             f"{tuple(maps.shape[1:])} one")
+        flat = maps.flatten(1).double()
+        shares.append((flat * mask.flatten(1)).sum(dim=1) / flat.sum(dim=1))
+    uniform = foreground.flatten(1).double().mean(dim=1).mean()
+    return ForegroundShare(share=100.0 * torch.cat(shares).mean().item(), uniform=100.0 * uniform.item())
 
 
 def threshold_masks(attn: Tensor, threshold: float = 0.6) -> Tensor:

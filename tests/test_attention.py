@@ -1,10 +1,16 @@
+import json
+
 import matplotlib.image  # noqa: E402  (matplotlib: the [dev]/[train] extras)
 import pytest
 import torch
 import torch.nn.functional as F
 
+import dino_pytorch.attention as attention_module
 from dino_pytorch.attention import (  # noqa: E402
+    ForegroundShare,
     attention_maps,
+    cls_attention_foreground_share,
+    patch_foreground,
     save_attention_pngs,
     save_dataset_attention_maps,
     threshold_masks,
@@ -117,3 +123,135 @@ def test_save_dataset_attention_maps(tmp_path):
     written = save_dataset_attention_maps(model, dataset, tmp_path, count=2, threshold=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000", "001"] and len(written) == 2 * 4
     assert len(save_dataset_attention_maps(model, images, tmp_path / "all", threshold=0.6)) == 3 * 7
+
+
+# ------------------------------------------------------------------------ attention on the object
+
+def peaked_vit(in_chans=3):
+    model = tiny_vit(in_chans)
+    with torch.no_grad():  # at init attention is nearly uniform: sharpen it so shares tell patches apart
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(5)
+    return model
+
+
+def test_attention_maps_of_a_batch_are_the_per_image_maps():
+    model = peaked_vit()
+    images = torch.randn(3, 3, 35, 40)  # cropped to 32 x 40
+    maps = attention_maps(model, images)
+    assert maps.shape == (3, 3, 4, 5)
+    torch.testing.assert_close(maps, torch.stack([attention_maps(model, image) for image in images]),
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"expected \(C, H, W\) or \(B, C, H, W\)"):
+        attention_maps(model, torch.randn(1, 1, 3, 32, 32))
+
+
+def test_patch_foreground():
+    pixels = torch.zeros(2, 1, 9, 12, dtype=torch.uint8)  # a 2 x 3 grid of 4 x 4 patches, one row cropped
+    pixels[0, 0, 1, 1] = 7  # patch (0, 0)
+    pixels[0, 0, 7, 11] = 1  # patch (1, 2)
+    pixels[1, 0, 8, 0] = 255  # the cropped row: no patch
+    expected = torch.tensor([[[True, False, False], [False, False, True]], [[False] * 3, [False] * 3]])
+    assert torch.equal(patch_foreground(pixels, 4), expected)
+    assert torch.equal(patch_foreground(pixels[:, 0], 4), expected)  # (N, H, W)
+    assert torch.equal(patch_foreground(pixels != 0, 4), expected)  # a pixel mask
+    rgb = torch.zeros(1, 3, 4, 8)
+    rgb[0, 2, 0, 5] = -0.5  # any channel
+    assert patch_foreground(rgb, 4).tolist() == [[[False, True]]]
+    with pytest.raises(ValueError, match="smaller than patch_size=16"):
+        patch_foreground(pixels, 16)
+
+
+def naive_foreground_share(model, images, foreground):
+    """Per image, float64 from the model's weights: head-mean CLS row of the last block over the
+    patch keys, renormalised, summed over the foreground patches; mean over images, in percent."""
+    heads = model.blocks[-1].attn.num_heads
+    shares, uniform = [], []
+    for image, mask in zip(images, foreground):
+        attn = reference_vit(model.state_dict(), image[None], patch_size=model.patch_size, num_heads=heads)
+        cls = attn["last_attention"][0, :, 0, 1:].mean(dim=0)  # (N,)
+        shares.append(float((cls / cls.sum())[mask.flatten()].sum()))
+        uniform.append(float(mask.double().mean()))
+    return 100 * sum(shares) / len(shares), 100 * sum(uniform) / len(uniform)
+
+
+def test_cls_attention_foreground_share_matches_naive_reference():
+    model = peaked_vit().train()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(5, 3, 32, 40, generator=generator)
+    foreground = torch.rand(5, 4, 5, generator=generator) < 0.4
+    foreground[3] = False  # an image with no object: share 0, counted
+    result = cls_attention_foreground_share(model, images, foreground, batch_size=2)  # batches of 2, 2, 1
+    share, uniform = naive_foreground_share(model, images, foreground)
+    assert isinstance(result, ForegroundShare) and model.training  # mode restored
+    assert result.share == pytest.approx(share, rel=1e-5) and result.uniform == pytest.approx(uniform, rel=1e-12)
+    # The peaked model is far from uniform, so a wrong patch order or a missed renormalisation shows.
+    top = F.one_hot(attention_maps(model, images).mean(dim=1).flatten(1).argmax(dim=1), 20).bool().reshape(5, 4, 5)
+    on_top = cls_attention_foreground_share(model, images, top)
+    assert on_top.uniform == 5.0 and on_top.share > 1.25 * on_top.uniform
+    everything = cls_attention_foreground_share(model, images, torch.ones(5, 4, 5, dtype=torch.bool))
+    assert everything.share == pytest.approx(100.0) and everything.uniform == 100.0
+
+
+def test_cls_attention_foreground_share_known_maps(monkeypatch):
+    # Two images, two heads, a 1 x 2 grid. Image 0: head mean (0.2, 0.2) -> 0.5 on its left patch.
+    # Image 1: head mean (0.4, 0.1) -> renormalised (0.8, 0.2), 0.2 on its right patch. Mean 35 %.
+    maps = torch.tensor([[[[0.3, 0.1]], [[0.1, 0.3]]], [[[0.6, 0.2]], [[0.2, 0.0]]]])
+    monkeypatch.setattr(attention_module, "attention_maps", lambda model, images, patch_size: maps[: len(images)])
+    foreground = torch.tensor([[[True, False]], [[False, True]]])
+    result = cls_attention_foreground_share(torch.nn.Identity(), torch.zeros(2, 1, 4, 8), foreground, 4)
+    assert result.share == pytest.approx(35.0, abs=1e-12) and result.uniform == 50.0
+    share, uniform = result  # unpacks as a pair
+    assert (share, uniform) == (result.share, 50.0)
+
+
+def test_cls_attention_foreground_share_bad_input():
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="expected bool"):
+        cls_attention_foreground_share(model, images, torch.ones(2, 4, 4))
+    with pytest.raises(ValueError, match=r"expected bool \(2, H // p, W // p\)"):
+        cls_attention_foreground_share(model, images, torch.ones(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"a \(2, 2\) patch grid, the images a \(4, 4\)"):
+        cls_attention_foreground_share(model, images, torch.ones(2, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expected \(N, C, H, W\)"):
+        cls_attention_foreground_share(model, images[0], torch.ones(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch_size=0"):
+        cls_attention_foreground_share(model, images, torch.ones(2, 4, 4, dtype=torch.bool), batch_size=0)
+
+
+def test_dino_train_reports_the_share_on_the_garment(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from dino_pytorch.cli._setup import backbone_from_flags, config_from_flags, eval_datasets
+    from dino_pytorch.cli.train_report import GARMENT_IMAGES, final_report, garment_attention
+    from dino_pytorch.datasets import load_fashion_mnist
+
+    flags = SimpleNamespace(arch="vit_tiny", patch_size=7, vit_depth=1, vit_embed_dim=24, drop_path_rate=0.0)
+    config = config_from_flags(flags, "fashion_mnist", 1, 28)
+    torch.manual_seed(0)
+    model = backbone_from_flags(config)
+    records = []
+    log = SimpleNamespace(metrics=records.append)
+    start = garment_attention(log, model, config, 0, random_init=True)
+    # The first 1,000 test images as the k-NN sees them; the garment from their raw pixels.
+    test_set = eval_datasets("fashion_mnist", None, 1, 28, subset=GARMENT_IMAGES)[1]
+    images = torch.stack([test_set[i][0] for i in range(GARMENT_IMAGES)])
+    garment = patch_foreground(load_fashion_mnist(False)[0][:GARMENT_IMAGES], 7)
+    assert start == cls_attention_foreground_share(model, images, garment)
+    assert 50 < start.uniform < 100
+    assert records == [{"step": 0, "cls_foreground_share": start.share, "cls_foreground_uniform": start.uniform,
+                        "random_init": True}]
+    end = ForegroundShare(share=71.25, uniform=start.uniform)
+    final_report(tmp_path, "vit_tiny", 40, 70.0, 60.0, 80.0, end, start)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cls_foreground_share"] == 71.25 and summary["cls_foreground_share_random_init"] == start.share
+    assert summary["cls_foreground_share_uniform"] == start.uniform
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == (f"CLS attention on the garment (last block, first 1,000 test images): random init "
+                       f"{start.share:.1f}% -> after DINO 71.2% (uniform {start.uniform:.1f}%)")
+    convnet = config_from_flags(SimpleNamespace(arch="convnet", width=8, pool=1), "fashion_mnist", 1, 28)
+    assert garment_attention(log, torch.nn.Identity(), convnet, 0) is None and len(records) == 1
+    final_report(tmp_path, "convnet", 40, 70.0, None, None)  # no share: the table as before
+    assert "garment" not in capsys.readouterr().out
+    assert "cls_foreground_share" not in (tmp_path / "summary.json").read_text()

@@ -45,7 +45,7 @@ from ._setup import (
 )
 from .train_data import build_data, make_views
 from .train_flags import check_resume_fits, get_args_parser, resolve_defaults
-from .train_report import RunControl, RunLog, final_report, write_pictures
+from .train_report import RunControl, RunLog, final_report, garment_attention, random_init_evals, write_pictures
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -237,7 +237,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     # ---- config ----------------------------------------------------------------------------------
     args = get_args_parser().parse_args(argv)
     rank, world_size, device = init_distributed(args)
-    resolve_defaults(args, device)
+    resolve_defaults(args, device, announce=rank == 0)
     is_main = rank == 0
     out = output_dir(args.output_dir) if is_main else Path(args.output_dir)
     torch.manual_seed(args.seed)  # same init on every rank; augmentation is seeded per sample
@@ -292,13 +292,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     run_log = RunLog(out, is_main, args.tensorboard, monitor)
     subsets = [args.knn_train_subset, args.knn_test_subset]
     periodic_key = "knn_top1_subset" if any(subsets) else "knn_top1"
-    random_init_knn = None
+    random_init_knn, random_init_garment = None, None
     if is_main and dino.step == 0 and args.knn_every:
         run_log.metrics({"step": 0, periodic_key: knn(*subsets), "knn_subset": subsets})
     if is_main and dino.step == 0 and not args.no_final_knn:
-        random_init_knn = knn()
-        print(f"k-NN top-1 at random init: {random_init_knn:.2f}%", flush=True)
-        run_log.metrics({"step": 0, "knn_top1": random_init_knn, "random_init": True})
+        random_init_knn, random_init_garment = random_init_evals(knn, dino.teacher_backbone, config, run_log)
     if not args.no_progress:
         run_log.start_progress(total_steps, dino.step)
 
@@ -373,8 +371,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             top1 = knn()
             run_log.metrics({"step": dino.step, "knn_top1": top1, "final": True})
             raw = raw_pixel_knn() if args.dataset == "fashion_mnist" else None
-            final_report(out, args.arch, dino.step, top1, random_init_knn, raw)
-        write_pictures(out, dino.teacher_backbone, config, args.attention_maps, eval_path, run_log)
+            final_report(out, args.arch, dino.step, top1, random_init_knn, raw,
+                         garment_attention(run_log, dino.teacher_backbone, config, dino.step), random_init_garment)
+        write_pictures(out, dino.teacher_backbone, config, args.attention_maps, eval_path, run_log,
+                       retrieval=not args.no_final_knn)
     if distributed.is_distributed():
         dist.barrier()
         dist.destroy_process_group()
