@@ -1,0 +1,95 @@
+"""The compiled loss engine's first-call check against its eager twin (closed_form._run_compiled).
+
+A compiler can miscompile instead of failing (seen: non-finite rows from the forward kernel under
+ATEN_CPU_CAPABILITY=avx2); these tests stand a fake "compiled" kernel in for inductor, so they run
+without a C++ compiler and in milliseconds.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino_pytorch.ops import closed_form
+
+V, T, B, K, TAU = 4, 2, 3, 16, 0.1
+
+
+@pytest.fixture
+def fresh_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(closed_form, "_FAILED", [])
+    monkeypatch.setattr(closed_form, "_CHECKED", set())
+    monkeypatch.delenv(closed_form.DISABLE_COMPILE_ENV, raising=False)
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(V, B, K, generator=g)
+    probs = torch.softmax(torch.randn(T, B, K, generator=g) / 0.04, dim=-1)
+    return x, probs, closed_form.view_mask(V, T, x.device)
+
+
+def _fake_compiled(monkeypatch: pytest.MonkeyPatch, kernels: dict) -> list[str]:
+    calls: list[str] = []
+
+    def compiled(name: str):
+        def run(*args):
+            calls.append(name)
+            return kernels[name](*args)
+        return run
+
+    monkeypatch.setattr(closed_form, "_compiled", compiled)
+    return calls
+
+
+def test_a_miscompiled_forward_falls_back_to_eager_with_one_line(fresh_engine, monkeypatch, capsys):
+    x, probs, mask = _inputs()
+    nan_rows = lambda *args: tuple(torch.full((V, B), float("nan")) for _ in range(3))  # noqa: E731
+    calls = _fake_compiled(monkeypatch, {"forward": nan_rows})
+    expected = closed_form.eager_forward(x, probs, mask, TAU, False)
+    got = closed_form.compiled_forward(x, probs, mask, TAU, False)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert capsys.readouterr().err.count("disagrees with the eager engine") == 1
+    assert closed_form.compile_disabled()  # for good: the next call does not run the bad kernel
+    closed_form.compiled_forward(x, probs, mask, TAU, False)
+    assert calls == ["forward"]
+
+
+def test_a_miscompiled_inplace_grad_still_returns_the_true_gradient_in_x(fresh_engine, monkeypatch, capsys):
+    x, probs, mask = _inputs()
+    log_sum = closed_form.eager_forward(x, probs, mask, TAU, False)[1]
+    scale = torch.tensor(0.5)
+    expected = closed_form.eager_grad(x.clone(), probs, mask, log_sum, scale, TAU, inplace=False)
+    _fake_compiled(monkeypatch, {"grad_inplace": lambda x_, *rest: x_.fill_(float("inf"))})
+    got = closed_form.compiled_grad(x, probs, mask, log_sum, scale, TAU, inplace=True)
+    assert got.data_ptr() == x.data_ptr()  # still in place
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert "disagrees with the eager engine" in capsys.readouterr().err
+
+
+def test_an_agreeing_kernel_is_used_and_checked_once_per_shape(fresh_engine, monkeypatch, capsys):
+    x, probs, mask = _inputs()
+    eager_calls: list[int] = []
+    real_eager = closed_form.eager_forward
+
+    def counting_eager(*args, **kwargs):
+        eager_calls.append(1)
+        return real_eager(*args, **kwargs)
+
+    monkeypatch.setattr(closed_form, "eager_forward", counting_eager)
+    # a "compiled" kernel that differs from eager only by rounding (1e-6 relative): accepted
+    close = lambda *args: tuple(t * (1 + 1e-6) for t in real_eager(*args[:4], args[4]))  # noqa: E731
+    calls = _fake_compiled(monkeypatch, {"forward": close})
+    for _ in range(3):
+        closed_form.compiled_forward(x, probs, mask, TAU, False)
+    assert calls == ["forward"] * 3 and len(eager_calls) == 1  # one check for this shape
+    closed_form.compiled_forward(x[:, :2].contiguous(), probs[:, :2].contiguous(), mask, TAU, False)
+    assert len(eager_calls) == 2  # a new shape is a new graph: checked again
+    assert not closed_form.compile_disabled() and capsys.readouterr().err == ""
+
+
+def test_agree_tells_rounding_from_garbage() -> None:
+    b = torch.tensor([1.0, -2.0, float("inf")])
+    assert closed_form._agree(b * (1 + 1e-6), b)
+    assert not closed_form._agree(torch.tensor([1.0, -2.0, 3.0]), b)  # a finite value where inf was
+    assert not closed_form._agree(torch.tensor([1.0, -2.1, float("inf")]), b)  # off by 5 %
