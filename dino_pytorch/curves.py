@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 Records = Union[str, os.PathLike, Iterable[Mapping[str, Any]]]
 
 
+# Legend names: the full-set value is the one a run reports; the subset one is the periodic cheap check.
+KNN_LABELS = {"knn_top1": "top-1, full test set", "knn_top1_subset": "top-1, train/test subset (periodic)",
+              "knn_top5": "top-5, full test set"}
+
+
 def read_log(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL ``log.txt``, one per non-blank line.
 
@@ -129,7 +134,7 @@ def curves_figure(log_path_or_records: Records) -> Figure:
     if knn:
         ax = next(axes)
         for key, (xs, ys, _) in knn:
-            ax.plot(xs, ys, marker="o", ms=3, label=key)
+            ax.plot(xs, ys, marker="o", ms=3, label=KNN_LABELS[key])
         ax.set(xlabel=knn[-1][1][2], ylabel="accuracy (%)", title="k-NN")
         ax.grid(alpha=0.3)
         ax.legend()
