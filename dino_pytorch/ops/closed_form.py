@@ -176,9 +176,9 @@ def _run_compiled(name: str, eager: Callable[[], Any], *args: Any, reference: Op
     The first result of each compiled graph (kind and shapes) in a process is checked against the
     eager twin (``reference``, or ``eager`` itself): a compiler can also miscompile instead of
     failing (seen: non-finite rows from the forward kernel under ``ATEN_CPU_CAPABILITY=avx2``), and
-    that must not reach training. On disagreement the process switches to the eager engine for good, with one line. ``reference`` is
-    computed before the compiled call (for in-place kernels, which destroy their input) and
-    ``restore(reference)`` gives the value to return in that case.
+    that must not reach training. On disagreement the process switches to the eager engine for
+    good, with one line. ``reference`` is computed before the compiled call (for in-place kernels,
+    which destroy their input) and ``restore(reference)`` gives the value to return in that case.
     """
     if not compile_disabled():
         # one check per compiled graph: dynamic=False compiles anew for each shape
