@@ -15,22 +15,23 @@ pass over a row that it then reads again from cache, and ``|Q|`` from the teache
 ``i == v``). Adding exact zeros does not round, so this is bit-for-bit the reference's sum of the
 kept views in view order, and inductor turns it into T loads per element inside the fused loops.
 
-Compiled (inductor, CPU): forward is one kernel, per row a max loop and one loop summing the
-exponentials and ``Q (m - z)`` (the row stays in L2 between them), so DRAM sees the logits once;
-backward is one kernel writing the gradient (or, with ``inplace``, overwriting the logits). The
-eager twin runs the same functions on blocks of rows sized to stay in cache.
+Compiled (inductor, CPU, :mod:`.compiled`): forward is one kernel, per row a max loop and one loop
+summing the exponentials and ``Q (m - z)`` (the row stays in L2 between them), so DRAM sees the
+logits once; backward is one kernel writing the gradient into a buffer it is given. With
+``overwrite_logits`` one kernel does both, writing the gradient over the logits in a third loop per
+row: one read and one write of the logits and one exponential per element fewer. The eager twin
+runs the same functions on blocks of rows sized to stay in cache.
 """
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-DISABLE_COMPILE_ENV = "DINO_PYTORCH_DISABLE_COMPILE"
+from . import compiled
+from .compiled import DISABLE_COMPILE_ENV, compile_disabled  # noqa: F401  (re-exported for dispatch)
+
 # Rows per eager block: 8 rows of K = 65 536 float32 are 2 MiB, a few such temporaries fit in L2.
 EAGER_BLOCK_ELEMENTS = 1 << 19
 
@@ -75,8 +76,7 @@ def forward_rows(x: Tensor, probs: Tensor, mask: Tensor, student_temp: float, en
     ce = (q * (m - z)).sum(dim=-1, keepdim=True) + mass * log_sum
     out: tuple[Tensor, ...] = (ce.squeeze(-1), log_sum.squeeze(-1), (m + log_sum).squeeze(-1))
     if entropy:
-        plogp = torch.where(probs > 0, probs * torch.log(probs), torch.zeros_like(probs))
-        out = out + (-plogp.sum(dim=-1),)
+        out = out + (_entropy(probs),)
     return out
 
 
@@ -86,14 +86,46 @@ def grad_rows(x: Tensor, probs: Tensor, mask: Tensor, log_sum: Tensor, scale: Te
     q = targets(probs, mask)
     m = z.amax(dim=-1, keepdim=True)
     mass = q.sum(dim=-1, keepdim=True)
-    return ((mass * torch.exp((z - m) - log_sum.unsqueeze(-1)) - q) * scale).to(x.dtype)
+    # exp(-(m - z)), not exp(z - m): the same float32 value, but it keeps inductor from rewriting
+    # ``z - max(z)`` into a guarded form (sign and finiteness tests per element; 15 % slower).
+    return ((mass * torch.exp(-(m - z) - log_sum.unsqueeze(-1)) - q) * scale).to(x.dtype)
 
 
-def grad_rows_inplace(
-    x: Tensor, probs: Tensor, mask: Tensor, log_sum: Tensor, scale: Tensor, student_temp: float
+def grad_rows_into(
+    out: Tensor, x: Tensor, probs: Tensor, mask: Tensor, log_sum: Tensor, scale: Tensor, student_temp: float
 ) -> Tensor:
-    """:func:`grad_rows` written into ``x`` itself (its storage is reused for the gradient)."""
-    return x.copy_(grad_rows(x, probs, mask, log_sum, scale, student_temp))
+    """:func:`grad_rows` written into ``out`` (same shape and dtype as ``x``)."""
+    return out.copy_(grad_rows(x, probs, mask, log_sum, scale, student_temp))
+
+
+def loss_and_grad_rows(
+    x: Tensor, probs: Tensor, mask: Tensor, scale: Tensor, student_temp: float, entropy: bool
+) -> tuple[Tensor, ...]:
+    """:func:`forward_rows`, and ``x`` overwritten with :func:`grad_rows` in the same pass.
+
+    Compiled, each row is read from memory once: a max loop, a loop of sums and a loop writing the
+    gradient, the row staying in L2 between them (one kernel; the gradient's exponential is
+    spelled ``exp(-(m - z))`` so it is not shared with the sum's, which would make inductor store
+    every exponential in a (v, b, K) buffer).
+    """
+    z = x.float() / _per_view(mask, student_temp)
+    q = targets(probs, mask)
+    m = z.amax(dim=-1, keepdim=True)
+    total = torch.exp(z - m).sum(dim=-1, keepdim=True)
+    log_sum = total.log()
+    mass = q.sum(dim=-1, keepdim=True)
+    ce = (q * (m - z)).sum(dim=-1, keepdim=True) + mass * log_sum
+    x.copy_((torch.exp(-(m - z)) * (mass / total) - q) * scale)
+    out: tuple[Tensor, ...] = (ce.squeeze(-1), log_sum.squeeze(-1), (m + log_sum).squeeze(-1))
+    if entropy:
+        out = out + (_entropy(probs),)
+    return out
+
+
+def _entropy(probs: Tensor) -> Tensor:
+    """(T, b) ``-sum P log P`` of each teacher row (0 log 0 = 0)."""
+    plogp = torch.where(probs > 0, probs * torch.log(probs), torch.zeros_like(probs))
+    return -plogp.sum(dim=-1)
 
 
 # -- eager twin: the same functions on cache-sized blocks of rows ---------------------------------
@@ -122,11 +154,11 @@ def eager_forward(
 
 def eager_grad(
     x: Tensor, probs: Tensor, mask: Tensor, log_sum: Tensor, scale: Tensor, student_temp: float,
-    inplace: bool, chunk_rows: Optional[int] = None,
+    out: Optional[Tensor] = None, chunk_rows: Optional[int] = None,
 ) -> Tensor:
-    """:func:`grad_rows` over x (V, B, K) block by block; into ``x`` when ``inplace``."""
+    """:func:`grad_rows` over x (V, B, K) block by block, into ``out`` (default: a new tensor)."""
     num_views, batch, k = x.shape
-    out = x if inplace else torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     for v, b0, b1 in _blocks(num_views, batch, k, chunk_rows):
         out[v : v + 1, b0:b1] = grad_rows(
             x[v : v + 1, b0:b1], probs[:, b0:b1], mask[v : v + 1], log_sum[v : v + 1, b0:b1], scale, student_temp
@@ -134,96 +166,64 @@ def eager_grad(
     return out
 
 
+def eager_loss_and_grad(
+    x: Tensor, probs: Tensor, mask: Tensor, scale: Tensor, student_temp: float, entropy: bool,
+    chunk_rows: Optional[int] = None,
+) -> tuple[Tensor, ...]:
+    """:func:`loss_and_grad_rows` block by block: each block's statistics, then its gradient over it."""
+    num_views, batch, k = x.shape
+    outs = [torch.empty(num_views, batch, device=x.device) for _ in range(3)]
+    for v, b0, b1 in _blocks(num_views, batch, k, chunk_rows):
+        block = x[v : v + 1, b0:b1]
+        stats = forward_rows(block, probs[:, b0:b1], mask[v : v + 1], student_temp, False)
+        for out, value in zip(outs, stats):
+            out[v, b0:b1] = value[0]
+        block.copy_(grad_rows(block, probs[:, b0:b1], mask[v : v + 1], stats[1], scale, student_temp))
+    if entropy:
+        outs.append(-torch.special.xlogy(probs, probs).sum(dim=-1))
+    return tuple(outs)
+
+
 # -- compiled: lazily, once per process; any failure falls back to the eager twin ----------------
-_FAILED: list[str] = []
-
-
-def compile_disabled() -> bool:
-    """True when ``DINO_PYTORCH_DISABLE_COMPILE=1`` or a compile already failed in this process."""
-    return bool(_FAILED) or os.environ.get(DISABLE_COMPILE_ENV, "0").strip() == "1"
-
-
-@functools.cache
-def _compiled(name: str) -> Callable[..., Any]:
-    fn = {"forward": forward_rows, "grad": grad_rows, "grad_inplace": grad_rows_inplace}[name]
-    # dynamic=False: the shapes of a training run are fixed, and static loops vectorise best.
-    compiled: Callable[..., Any] = torch.compile(fn, dynamic=False)  # type: ignore[call-overload]
-    return compiled
-
-
-def _agree(compiled: Any, reference: Any) -> bool:
-    """Same non-finite entries, and the finite ones within 1e-3 of the reference's largest value
-    (the engines only sum in different orders: measured differences are ~1e-6 relative)."""
-    pairs = zip(compiled, reference) if isinstance(reference, tuple) else [(compiled, reference)]
-    for a, b in pairs:
-        finite = torch.isfinite(b)
-        if not torch.equal(torch.isfinite(a), finite):
-            return False
-        if finite.any():
-            bound = 1e-3 * float(b[finite].abs().max()) + 1e-12
-            if float((a[finite].float() - b[finite].float()).abs().max()) > bound:
-                return False
-    return True
-
-
-_CHECKED: set[tuple[Any, ...]] = set()
-
-
-def _run_compiled(name: str, eager: Callable[[], Any], *args: Any, reference: Optional[Callable[[], Any]] = None,
-                  restore: Optional[Callable[[Any], Any]] = None) -> Any:
-    """The compiled ``name`` on ``args``; the eager twin when compiling is off or fails.
-
-    The first result of each compiled graph (kind and shapes) in a process is checked against the
-    eager twin (``reference``, or ``eager`` itself): a compiler can also miscompile instead of
-    failing (seen: non-finite rows from the forward kernel under ``ATEN_CPU_CAPABILITY=avx2``), and
-    that must not reach training. On disagreement the process switches to the eager engine for
-    good, with one line. ``reference`` is computed before the compiled call (for in-place kernels,
-    which destroy their input) and ``restore(reference)`` gives the value to return in that case.
-    """
-    if not compile_disabled():
-        # one check per compiled graph: dynamic=False compiles anew for each shape
-        key = (name, *((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else a for a in args))
-        check = key not in _CHECKED
-        expected = reference() if check and reference is not None else None
-        try:
-            result = _compiled(name)(*args)
-        except Exception as err:  # no C++ compiler, unsupported platform, ...: keep training
-            _FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            print(f"dino_pytorch: torch.compile of the fused loss failed ({_FAILED[-1][:200]}); "
-                  "using the eager engine", file=sys.stderr)
-        else:
-            if not check:
-                return result
-            _CHECKED.add(key)
-            if expected is None:
-                expected = eager()
-            if _agree(result, expected):
-                return result
-            _FAILED.append(f"compiled {name} disagrees with the eager engine")
-            print(f"dino_pytorch: the compiled fused loss ({name}) disagrees with the eager engine on its "
-                  "first call; using the eager engine", file=sys.stderr)
-            return restore(expected) if restore is not None else expected
-    return eager()
+compiled.register("loss forward", forward_rows)
+compiled.register("loss gradient", grad_rows_into)
+compiled.register("loss and gradient", loss_and_grad_rows)
 
 
 def compiled_forward(
     x: Tensor, probs: Tensor, mask: Tensor, student_temp: float, entropy: bool
 ) -> tuple[Tensor, ...]:
     """:func:`forward_rows` over all of x (V, B, K) as one compiled kernel (eager twin on failure)."""
-    return _run_compiled(
-        "forward", lambda: eager_forward(x, probs, mask, student_temp, entropy), x, probs, mask, student_temp, entropy
+    return compiled.run(
+        "loss forward", lambda: eager_forward(x, probs, mask, student_temp, entropy),
+        x, probs, mask, student_temp, entropy,
     )
 
 
 def compiled_grad(
-    x: Tensor, probs: Tensor, mask: Tensor, log_sum: Tensor, scale: Tensor, student_temp: float, inplace: bool
+    out: Tensor, x: Tensor, probs: Tensor, mask: Tensor, log_sum: Tensor, scale: Tensor, student_temp: float
 ) -> Tensor:
-    """:func:`grad_rows` over all of x (V, B, K) as one compiled kernel (eager twin on failure)."""
-    name = "grad_inplace" if inplace else "grad"
-    return _run_compiled(
-        name, lambda: eager_grad(x, probs, mask, log_sum, scale, student_temp, inplace),
-        x, probs, mask, log_sum, scale, student_temp,
-        # in place, the compiled kernel overwrites x: the check's reference is taken first, into a new buffer
-        reference=(lambda: eager_grad(x, probs, mask, log_sum, scale, student_temp, False)) if inplace else None,
-        restore=(lambda expected: x.copy_(expected)) if inplace else None,
+    """:func:`grad_rows` over all of x (V, B, K) into ``out`` as one compiled kernel (eager twin on failure)."""
+    return compiled.run(
+        "loss gradient", lambda: eager_grad(x, probs, mask, log_sum, scale, student_temp, out=out),
+        out, x, probs, mask, log_sum, scale, student_temp,
+    )
+
+
+def compiled_loss_and_grad(
+    x: Tensor, probs: Tensor, mask: Tensor, scale: Tensor, student_temp: float, entropy: bool
+) -> tuple[Tensor, ...]:
+    """:func:`loss_and_grad_rows` over x (V, B, K) as one compiled kernel; x ends up holding the gradient."""
+    def reference() -> tuple[Tensor, ...]:  # before the kernel overwrites x: the twin on a copy
+        copy = x.clone()
+        return (copy, *eager_loss_and_grad(copy, probs, mask, scale, student_temp, entropy))
+
+    def restore(expected: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        x.copy_(expected[0])
+        return expected[1:]
+
+    return compiled.run(
+        "loss and gradient", lambda: eager_loss_and_grad(x, probs, mask, scale, student_temp, entropy),
+        x, probs, mask, scale, student_temp, entropy,
+        reference=reference, observe=lambda result: (x, *result), restore=restore,
     )

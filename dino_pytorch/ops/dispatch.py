@@ -9,7 +9,8 @@ Within the PyTorch backend the loss has two engines (:func:`loss_engine`): ``"co
 closed form as ``torch.compile``-d CPU kernels, :mod:`.closed_form`) for large float32/half CPU
 logits, and ``"torch"`` (eager ``log_softmax`` blocks) for the rest: float64, small inputs (not
 worth a compile), inside an outer ``torch.compile`` (which compiles the eager engine itself), or
-with ``DINO_PYTORCH_DISABLE_COMPILE=1`` or after a failed compile.
+with ``DINO_PYTORCH_DISABLE_COMPILE=1`` or after a failed compile. The centred teacher softmax
+follows the same rule (one compiled kernel, or the eager function).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Literal, NamedTuple, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from . import closed_form, teacher_targets
+from . import compiled, teacher_targets
 from .fused_cross_entropy import MultiviewCrossEntropy, MultiviewCrossEntropyStats
 from .views import MultiView, split_views
 
@@ -89,15 +90,18 @@ def loss_engine(rows: Tensor) -> str:
     backend = backend_for(rows)
     if backend == "triton":
         return backend
-    if (
-        rows.device.type == "cpu"
-        and rows.dtype in COMPILE_DTYPES
-        and rows.numel() >= COMPILE_MIN_ELEMENTS
-        and not closed_form.compile_disabled()
+    return "compiled" if _compile_worthwhile(rows) else "torch"
+
+
+def _compile_worthwhile(x: Tensor) -> bool:
+    """A large float32/half CPU tensor, compiling allowed, and not already inside a compiled graph."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in COMPILE_DTYPES
+        and x.numel() >= COMPILE_MIN_ELEMENTS
+        and not compiled.compile_disabled()
         and not torch.compiler.is_compiling()
-    ):
-        return "compiled"
-    return "torch"
+    )
 
 
 def _triton_ops() -> Any:
@@ -109,14 +113,14 @@ def _triton_ops() -> Any:
 @overload
 def multiview_cross_entropy(
     student: MultiView, teacher_probs: MultiView, student_temp: float, *, batch_size: Optional[int] = ...,
-    chunk_rows: Optional[int] = ..., inplace_backward: bool = ..., return_stats: Literal[False] = ...,
+    chunk_rows: Optional[int] = ..., overwrite_logits: bool = ..., return_stats: Literal[False] = ...,
 ) -> Tensor: ...
 
 
 @overload
 def multiview_cross_entropy(
     student: MultiView, teacher_probs: MultiView, student_temp: float, *, batch_size: Optional[int] = ...,
-    chunk_rows: Optional[int] = ..., inplace_backward: bool = ..., return_stats: Literal[True],
+    chunk_rows: Optional[int] = ..., overwrite_logits: bool = ..., return_stats: Literal[True],
 ) -> tuple[Tensor, RowStats]: ...
 
 
@@ -127,7 +131,7 @@ def multiview_cross_entropy(
     *,
     batch_size: Optional[int] = None,
     chunk_rows: Optional[int] = None,
-    inplace_backward: bool = False,
+    overwrite_logits: bool = False,
     return_stats: bool = False,
 ) -> Union[Tensor, tuple[Tensor, RowStats]]:
     """DINO multi-view cross-entropy with a memory-lean closed-form backward.
@@ -143,11 +147,13 @@ def multiview_cross_entropy(
         student_temp: tau_s.
         batch_size: B, needed only when both tensors are 2-D.
         chunk_rows: eager torch engine only: batch rows per chunk (None: about 16 MB of float32 logits per chunk).
-        inplace_backward: opt-in (CPU engines): backward writes the gradient into the logits' own
-            storage instead of a new (V*B, K) tensor (saves the allocation and its page faults).
-            Only for logits that nothing else reads after backward: the output of a linear layer is
-            fine; a leaf (or a view of one) is refused, and any other node that saved the logits
-            raises on backward (their version counter is bumped). Ignored by the Triton engine.
+        overwrite_logits: opt-in (CPU engines): forward computes the gradient together with the
+            loss (one pass over the logits instead of three) and writes it over the logits, which
+            hold the gradient from then on; nothing else is saved for backward. Only for logits
+            that nothing reads after the loss: the output of a linear layer is fine; a leaf (or a
+            view of one) is refused, and any other node that saved the logits raises on backward
+            (their version counter is bumped). Ignored by the Triton engine (CUDA) and inside
+            ``torch.compile``.
         return_stats: also return per-row statistics, from the same passes as the loss.
 
     Returns:
@@ -155,13 +161,15 @@ def multiview_cross_entropy(
         ``return_stats``: ``(loss, RowStats(lse (V*B,), teacher_entropy (T*B,)))``.
     """
     rows, teacher, num_views = split_views(student, teacher_probs, batch_size)
-    if inplace_backward and rows.requires_grad and (rows.is_leaf or (rows._base is not None and rows._base.is_leaf)):
-        raise ValueError("inplace_backward=True would overwrite a leaf tensor with its own gradient; "
+    if overwrite_logits and rows.requires_grad and (rows.is_leaf or (rows._base is not None and rows._base.is_leaf)):
+        raise ValueError("overwrite_logits=True would overwrite a leaf tensor with its own gradient; "
                          "pass the output of a layer (e.g. the head's last linear layer)")
+    # Inside an outer torch.compile the input is not mutated: the compiled graph fuses the passes itself.
+    overwrite_logits = overwrite_logits and not torch.compiler.is_compiling()
     engine = loss_engine(rows)
-    # The engine stays the last argument unless in-place is asked for (callers and tests read it there).
+    # The engine stays the last argument unless overwriting is asked for (callers and tests read it there).
     args: tuple[Any, ...] = (rows, teacher, float(student_temp), num_views, chunk_rows, engine)
-    args += (True,) if inplace_backward else ()
+    args += (True,) if overwrite_logits else ()
     if return_stats:
         loss, lse, entropy = MultiviewCrossEntropyStats.apply(*args)
         return loss, RowStats(lse, entropy)
@@ -179,6 +187,8 @@ def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_tem
     """
     if backend_for(teacher_logits) == "triton":
         return _triton_ops().centered_softmax(teacher_logits.detach(), center, float(teacher_temp))
+    if _compile_worthwhile(teacher_logits):
+        return teacher_targets.compiled_centered_teacher_softmax(teacher_logits, center, teacher_temp)
     return teacher_targets.centered_teacher_softmax(teacher_logits, center, teacher_temp)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from . import compiled
 
 
 def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
@@ -26,6 +27,24 @@ def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_tem
     """
     # The official code gets float32 here by type promotion (half - float32 centre); do it explicitly.
     return torch.softmax((teacher_logits.detach().float() - center) / teacher_temp, dim=-1)
+
+
+def _softmax_over_temperature(teacher_logits: Tensor, center: Tensor, teacher_temp: Tensor) -> Tensor:
+    # The temperature is a 0-dim tensor: as a float, each value of its schedule would compile anew.
+    return torch.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+compiled.register("teacher softmax", _softmax_over_temperature)
+
+
+def compiled_centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """:func:`centered_teacher_softmax` as one compiled CPU kernel (one read of the logits, one
+    write of the probabilities, against three new tensors eagerly); the eager function on failure."""
+    logits = teacher_logits.detach()
+    temp = torch.tensor(float(teacher_temp), dtype=torch.float32)  # float32, as the eager division
+    return compiled.run(
+        "teacher softmax", lambda: centered_teacher_softmax(logits, center, teacher_temp), logits, center, temp
+    )
 
 
 def _logsumexp_all_ranks(x: Tensor, dim: Optional[int]) -> Tensor:
