@@ -69,7 +69,32 @@ def memory_floor(nbytes: int, device=None) -> dict[str, Callable[[], object]]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (MiB): since the last :func:`reset_peak_rss` where Linux allows it."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's current RSS (MiB); the peak where the current value cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux ``clear_refs``); False where that is not possible
+    (the peak then includes everything since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor], exclude: Optional[torch.Tensor] = None) -> int:

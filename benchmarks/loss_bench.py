@@ -9,8 +9,9 @@ multi-view cross-entropy and its backward to the student logits (no centre updat
 
 Columns: median wall time of forward+backward (>= 5 repeats after warm-up by default), bytes autograd
 saves for backward (saved-tensor hooks; distinct storages, the student logits excluded since the
-head's backward keeps them alive anyway), and the extra peak memory of the step: on CPU the growth
-of peak RSS (each row runs in its own process, since ru_maxrss never goes down), on CUDA
+head's backward keeps them alive anyway), and the extra peak memory of a steady step (after a
+warm-up step that compiles what it compiles): on CPU the growth of peak RSS over the RSS before the
+step (each row in its own process; Linux ``clear_refs`` resets the peak), on CUDA
 ``max_memory_allocated`` above what was allocated before. Ratios are to the official-style row.
 """
 from __future__ import annotations
@@ -31,10 +32,11 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, not installed
-from common import median_time, peak_rss_mb, saved_tensor_bytes, sync, table  # noqa: E402
+from common import median_time, peak_rss_mb, reset_peak_rss, rss_mb, saved_tensor_bytes, sync, table  # noqa: E402
 from dino_pytorch.ops import (  # noqa: E402
     MultiviewCrossEntropy,
     multiview_cross_entropy_reference,
+    reused_buffer,
     teacher_targets,  # noqa: E402
 )
 from dino_pytorch.ops.dispatch import centered_teacher_softmax, triton_importable  # noqa: E402
@@ -99,30 +101,40 @@ def reference(args: argparse.Namespace) -> LossFn:
     return fn
 
 
-def fused(engine: str, inplace: bool = False) -> Callable[[argparse.Namespace], LossFn]:
+def fused(engine: str, overwrite: bool = False) -> Callable[[argparse.Namespace], LossFn]:
     def build(args: argparse.Namespace) -> LossFn:
-        cache: dict[str, Tensor] = {}
+        own: dict[str, Tensor] = {}
 
         def fn(student: Tensor, teacher: Tensor, center: Tensor) -> Tensor:
-            if engine == "triton":
-                probs = centered_teacher_softmax(teacher, center, args.teacher_temp)  # Triton kernel on CUDA
-            else:
-                probs = teacher_targets.centered_teacher_softmax(teacher, center, args.teacher_temp)
+            # What DINOLoss calls: the Triton kernel on CUDA, one compiled kernel on a large CPU input.
+            probs = centered_teacher_softmax(teacher, center, args.teacher_temp)
             probs = probs.view(args.teacher_views, args.batch, -1)
-            # In place, the benchmark's leaf logits are overwritten by their gradient each step (the
-            # public API refuses a leaf; in training they are the last layer's output). Only the
-            # time is measured on this row, and values stay finite (no denormals).
-            extra = (True,) if inplace else ()
-            # Its own copy of the logits, so the other rows keep reading the real ones.
-            if inplace and getattr(args, "own_copy", False):
-                if "own" not in cache:
-                    cache["own"] = student.detach().clone().requires_grad_(True)
-                student = cache["own"]
-            return MultiviewCrossEntropy.apply(student, probs, args.student_temp, args.views, None, engine, *extra)
+            if not overwrite:
+                return MultiviewCrossEntropy.apply(student, probs, args.student_temp, args.views, None, engine)
+            # The loss writes the gradient over its input: this row reads its own copy of the logits,
+            # refreshed by prepare() outside the timed part (in training they are the last layer's
+            # output, made anew each step). A view, so that like a layer's output its gradient is
+            # handed on without a copy.
+            logits = own["logits"].view_as(own["logits"])
+            return MultiviewCrossEntropy.apply(logits, probs, args.student_temp, args.views, None, engine, True)
 
+        def prepare(student: Tensor) -> None:
+            if "logits" not in own:
+                own["logits"] = torch.empty_like(student.detach()).requires_grad_(True)
+            own["logits"].grad = None
+            own["logits"].detach().copy_(student.detach())
+
+        if overwrite:
+            fn.prepare, fn.own = prepare, own  # type: ignore[attr-defined]
         return fn
 
     return build
+
+
+def prepare(fn: LossFn, student: Tensor) -> None:
+    """Untimed set-up before a step (rows whose loss consumes its input)."""
+    if hasattr(fn, "prepare"):
+        fn.prepare(student)
 
 
 ROWS: dict[str, Callable[[argparse.Namespace], LossFn]] = {
@@ -132,7 +144,7 @@ ROWS: dict[str, Callable[[argparse.Namespace], LossFn]] = {
     "dino_pytorch per-view reference": reference,
     "dino_pytorch fused, eager torch engine": fused("torch"),
     "dino_pytorch fused, compiled engine (CPU default)": fused("compiled"),
-    "dino_pytorch fused, compiled, inplace_backward=True": fused("compiled", inplace=True),
+    "dino_pytorch fused, compiled, overwrite_logits=True": fused("compiled", overwrite=True),
     "dino_pytorch fused, Triton engine": fused("triton"),
 }
 
@@ -161,8 +173,9 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
         with amp:
             return fn(student, teacher, center)
 
-    def step() -> None:
+    def step() -> None:  # on the CPU only its memory is used: the times come from interleaved_times
         student.grad = None
+        prepare(fn, student)
         run().backward()
 
     if device.type == "cuda":
@@ -173,19 +186,27 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = peak_rss_mb()
+        # A steady step: compiled kernels built and checked first, the peak counted from there, and
+        # no reused gradient buffer carried in (its bytes count as the step's, as in the other rows).
+        step()
+        student.grad = None
+        reused_buffer.release()
+        reset_peak_rss()
+        base = rss_mb()
         step()
         peak = (peak_rss_mb() - base) * 2**20
     ms = 1e3 * median_time(step, args.repeats, args.warmup, device)
     student.grad = None
-    return {"ms": ms, "saved": saved_tensor_bytes(run, exclude=student), "peak": peak}
+    prepare(fn, student)
+    # The logits are left out (the head's backward keeps them anyway): the row's own, if it has them.
+    logits = fn.own["logits"] if hasattr(fn, "own") else student  # type: ignore[attr-defined]
+    return {"ms": ms, "saved": saved_tensor_bytes(run, exclude=logits), "peak": peak}
 
 
 def interleaved_times(names: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Median forward+backward ms of each row, all in this process, rows alternating per repeat."""
     device = torch.device(args.device)
     student, teacher, center = inputs(args, device)
-    args.own_copy = True  # the in-place row must not overwrite the logits the other rows read
     fns = {name: ROWS[name](args) for name in names}
     # The floors, over the very logits: one read pass, and one read + write pass (preallocated).
     out = torch.empty_like(student.detach())
@@ -196,6 +217,8 @@ def interleaved_times(names: list[str], args: argparse.Namespace) -> dict[str, f
 
     def step(name: str) -> float:
         student.grad = None
+        if name not in floors:
+            prepare(fns[name], student)
         start = time.perf_counter()
         if name in floors:
             floors[name]()

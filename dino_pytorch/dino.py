@@ -201,8 +201,12 @@ class DINO(nn.Module):
         self._last_teacher = (teacher_out.detach(), teacher_temp if teacher_temp is not None
                               else self.criterion.teacher_temp_at(epoch))
         # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
+        # Nothing reads the head's output after the loss: on the CPU the loss writes its gradient
+        # over it (one pass over the logits instead of three, no gradient buffer).
+        fresh = student_out.requires_grad and not student_out.is_leaf and student_out._base is None
         loss = self.criterion(
-            student_out, teacher_out, epoch, teacher_temp=teacher_temp, num_teacher_views=self.num_global_views
+            student_out, teacher_out, epoch, teacher_temp=teacher_temp, num_teacher_views=self.num_global_views,
+            overwrite_logits=fresh,
         )
         if self.koleo_weight > 0:
             # As DINOv2: on each global view's student backbone features separately, averaged (both

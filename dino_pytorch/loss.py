@@ -296,6 +296,7 @@ class DINOLoss(nn.Module):
         *,
         teacher_temp: Optional[float] = None,
         num_teacher_views: Optional[int] = None,
+        overwrite_logits: bool = False,
     ) -> Tensor:
         """Loss of the student views against the teacher views; see the class docstring for shapes.
 
@@ -306,6 +307,12 @@ class DINOLoss(nn.Module):
             teacher_temp: a temperature for this call, overriding the schedule (per-step schedules).
             num_teacher_views: T, to split a concatenated ``teacher_output``; without it (and
                 without ``ncrops``) two concatenated inputs are read as the official T = 2.
+            overwrite_logits: promise that nothing reads ``student_output`` after this call (a
+                head's output that feeds only this loss): on the CPU the loss then computes its
+                gradient in the same pass and writes it over the logits (see
+                :func:`~dino_pytorch.ops.multiview_cross_entropy`). :class:`~dino_pytorch.DINO`
+                passes it for its own head's output. A list of views is stacked into a new tensor,
+                which is overwritten in any case.
         """
         student, teacher = self._views(student_output, teacher_output, num_teacher_views)
         if self.center_update == "forward":
@@ -319,7 +326,8 @@ class DINOLoss(nn.Module):
         # The concatenated (V*B, K) logits go in as they are: the fused loss saves that very tensor
         # (alive anyway for the head's backward) instead of a stacked copy.
         rows = student_output if isinstance(student_output, Tensor) else torch.stack(student)
-        loss = multiview_cross_entropy(rows, probs, self.student_temp)
+        overwrite = overwrite_logits or not isinstance(student_output, Tensor)  # a stack is ours
+        loss = multiview_cross_entropy(rows, probs, self.student_temp, overwrite_logits=overwrite)
         bad = self.nonfinite.record(loss, probs)
         if (self.on_nonfinite == "raise" or loss.device.type == "cpu") and not torch.compiler.is_compiling():
             # Reading the flag costs nothing on the CPU; on CUDA only when asked to stop at once.

@@ -1,9 +1,9 @@
-"""The three-line path copies no more logits than calling the loss on the concatenated outputs.
+"""The three-line path copies and saves no more logits than calling the loss on the concatenated outputs.
 
 Bytes of logits (tensors whose last dimension is K) made by cat / stack / clone / copy and saved
 for backward are counted while ``dino(views)`` runs, and while
 ``criterion(student(views), teacher(globals))`` runs on the same model; they must agree within
-one (B, K) block. The loss must equal the per-view reference for 1, 2 and 3 global views.
+one (B, K) block (saved: at most that more). The loss must equal the per-view reference for 1, 2 and 3 global views.
 """
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def test_three_line_path_copies_no_more_logits(num_global):
 
     block = B * K * 4
     assert abs(copied_three_lines - copied_by_hand) <= block, (copied_three_lines, copied_by_hand)
-    assert abs(saved_three_lines - saved_by_hand) <= block, (saved_three_lines, saved_by_hand)
+    # DINO lets the loss write the gradient over its own head's output, which then saves no teacher
+    # targets: fewer saved bytes than by hand, never more.
+    assert saved_three_lines <= saved_by_hand + block, (saved_three_lines, saved_by_hand)
     assert saved_by_hand > 0  # the counter sees the saved logits at all
     torch.testing.assert_close(loss_three_lines, loss_by_hand, rtol=1e-6, atol=1e-6)
 
@@ -105,3 +107,26 @@ def test_concatenated_teacher_split_by_the_given_count():
     torch.testing.assert_close(concatenated, as_lists, rtol=0, atol=0)
     with pytest.raises(ValueError, match="num_teacher_views=0"):
         dino.criterion(student, teacher, num_teacher_views=0)
+
+
+def test_dino_writes_the_gradient_over_its_head_output_with_the_same_gradients():
+    dino, views = make(2)
+    dino.criterion.center.normal_()
+    center = dino.criterion.center.clone()  # both paths see the same centre
+    outputs = []
+    dino.student.head.register_forward_hook(lambda m, i, out: outputs.append((out, out.detach().clone())))
+    loss = dino(views)
+    out, before = outputs[-1]
+    assert not torch.equal(out.detach(), before)  # the head's output now holds its gradient
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in dino.student.named_parameters() if p.grad is not None}
+    dino.zero_grad(set_to_none=True)
+    dino.criterion.center.copy_(center)
+    by_hand = dino.criterion(dino.student(views), dino.teacher(views[:2]), num_teacher_views=2)
+    torch.testing.assert_close(loss, by_hand, rtol=1e-6, atol=1e-6)
+    by_hand.backward()
+    assert grads and all(rel_close(grads[n], p.grad) for n, p in dino.student.named_parameters() if n in grads)
+
+
+def rel_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-12

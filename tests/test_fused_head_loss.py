@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from dino_pytorch import DINOHead
-from dino_pytorch.ops import RowStats, closed_form, dispatch, fused_last_layer_cross_entropy, multiview_cross_entropy
+from dino_pytorch.ops import (
+    RowStats,
+    closed_form,
+    compiled,
+    dispatch,
+    fused_last_layer_cross_entropy,
+    multiview_cross_entropy,
+)
 from dino_pytorch.ops.cross_entropy import multiview_cross_entropy_reference
 
 
@@ -127,43 +134,65 @@ def test_closed_form_engine_matches_float64(monkeypatch, engine_fn, scale):
     assert rel(loss, ref32) <= 1e-6
 
 
-def test_inplace_backward_writes_into_the_logits_and_guards(monkeypatch):
+@pytest.mark.parametrize("engine", ["compiled", "eager_twin", "torch"])
+def test_overwrite_logits_puts_the_gradient_in_the_logits_and_guards(monkeypatch, engine):
     monkeypatch.setattr(dispatch, "COMPILE_MIN_ELEMENTS", 0)
+    if engine == "eager_twin":
+        monkeypatch.setenv(closed_form.DISABLE_COMPILE_ENV, "1")
+        monkeypatch.setattr(dispatch, "loss_engine", lambda rows: "compiled")
+    elif engine == "torch":
+        monkeypatch.setattr(dispatch, "loss_engine", lambda rows: "torch")
     g = torch.Generator().manual_seed(4)
     base = torch.randn(4 * 2, 100, generator=g)
     probs = torch.softmax(torch.randn(2, 2, 100, generator=g), -1)
     w = torch.eye(100).requires_grad_(True)
-    ref_logits = (base @ w)
-    multiview_cross_entropy(ref_logits, probs, 0.1).backward()
+    ref_loss, ref_stats = multiview_cross_entropy(base @ w, probs, 0.1, return_stats=True)
+    (3.0 * ref_loss).backward()
     want = w.grad.clone()
     w.grad = None
-    logits = base @ w  # a linear layer's output: nothing else reads it after backward
+    logits = base @ w  # a linear layer's output: nothing else reads it after the loss
     ptr = logits.data_ptr()
     grads = []
     logits.register_hook(lambda gr: grads.append(gr.data_ptr()))
-    multiview_cross_entropy(logits, probs, 0.1, inplace_backward=True).backward()
-    assert grads == [ptr]  # the gradient lives in the logits' storage
+    loss, stats = multiview_cross_entropy(logits, probs, 0.1, overwrite_logits=True, return_stats=True)
+    assert rel(loss, ref_loss) <= 1e-6 and rel(stats.lse, ref_stats.lse) <= 1e-6
+    assert not torch.equal(logits.detach(), base @ w.detach())  # overwritten already, at forward
+    (3.0 * loss).backward()  # a loss gradient of 3: scaled, into a new tensor
     assert rel(w.grad, want) <= 1e-6
+    w.grad = None
+    logits = base @ w
+    ptr = logits.data_ptr()
+    grads.clear()
+    logits.register_hook(lambda gr: grads.append(gr.data_ptr()))
+    multiview_cross_entropy(logits, probs, 0.1, overwrite_logits=True).backward()
+    assert grads == [ptr]  # gradient 1: the gradient lives in the logits' storage
+    assert rel(3.0 * w.grad, want) <= 1e-6
     leaf = base.clone().requires_grad_(True)
     with pytest.raises(ValueError, match="leaf"):
-        multiview_cross_entropy(leaf, probs, 0.1, inplace_backward=True)
+        multiview_cross_entropy(leaf, probs, 0.1, overwrite_logits=True)
     # Another node that saved the logits fails loudly instead of reading the gradient.
     logits = base @ w
     other = (logits * logits).sum()
     with pytest.raises(RuntimeError, match="inplace"):
-        (multiview_cross_entropy(logits, probs, 0.1, inplace_backward=True) + other).backward()
+        (multiview_cross_entropy(logits, probs, 0.1, overwrite_logits=True) + other).backward()
+    # Without a gradient to compute (evaluation) nothing is overwritten.
+    with torch.no_grad():
+        logits = base @ w
+        before = logits.clone()
+        multiview_cross_entropy(logits, probs, 0.1, overwrite_logits=True)
+    assert torch.equal(logits, before)
 
 
 def test_compile_failure_falls_back_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(dispatch, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(closed_form, "_FAILED", [])
+    monkeypatch.setattr(compiled, "_FAILED", [])
 
     def broken(name):
         def fn(*args):
             raise RuntimeError("no compiler\nsecond line")
         return fn
 
-    monkeypatch.setattr(closed_form, "_compiled", broken)
+    monkeypatch.setattr(compiled, "_compiled", broken)
     student = torch.randn(3 * 2, 40, requires_grad=True)
     probs = torch.softmax(torch.randn(2, 2, 40), -1)
     loss = multiview_cross_entropy(student, probs, 0.1)

@@ -23,7 +23,12 @@ The two engines keep different statistics:
 
 - ``"compiled"`` (:mod:`.closed_form`, CPU) evaluates the Triton engine's max-relative closed form
   as one ``torch.compile``-d kernel per direction (lazily compiled; an eager twin on failure) and
-  saves one number per row, ``log sum exp(z - m)``.
+  saves one number per row, ``log sum exp(z - m)``; its gradient goes into a reused buffer
+  (:mod:`.reused_buffer`).
+
+With ``overwrite_logits`` (CPU engines) forward also computes the gradient, for a loss gradient
+of 1, and writes it over the logits; backward returns that storage (scaled when the loss's
+gradient is not 1). The compiled engine does both in one kernel.
 
 :mod:`.dispatch` picks the engine.
 """
@@ -35,7 +40,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import closed_form
+from . import closed_form, reused_buffer
 from .cross_entropy import other_view_targets
 
 # Elements of one float32 (V, rows, K) student chunk: bounds the transient memory of the torch engine
@@ -179,17 +184,23 @@ def _teacher_entropy(teacher: Tensor) -> Tensor:
 
 def _forward(
     ctx: Any, student: Tensor, teacher: Tensor, student_temp: float, num_views: int,
-    chunk_rows: Optional[int], engine: str, inplace_backward: bool, want_stats: bool,
+    chunk_rows: Optional[int], engine: str, overwrite: bool, want_stats: bool,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Shared forward of both Functions: ``(loss, lse or None, teacher entropy or None)``."""
     dtype = compute_dtype(student.dtype)
     teacher = teacher.detach().to(dtype)
     num_teacher, batch = teacher.shape[0], teacher.shape[1]
+    normaliser = batch * num_teacher * (num_views - 1)
+    overwrite = overwrite and engine != "triton" and ctx.needs_input_grad[0]
     lse = entropy = None
     if engine == "compiled":
         x = student.view(num_views, batch, -1)
         mask = closed_form.view_mask(num_views, num_teacher, student.device)
-        outs = closed_form.compiled_forward(x, teacher, mask, student_temp, want_stats)
+        if overwrite:
+            coef = torch.full((), 1.0 / (student_temp * normaliser), dtype=dtype, device=student.device)
+            outs = closed_form.compiled_loss_and_grad(x, teacher, mask, coef, student_temp, want_stats)
+        else:
+            outs = closed_form.compiled_forward(x, teacher, mask, student_temp, want_stats)
         ce, stats = outs[0].flatten(), outs[1]  # stats: (V, B) log sum exp(z - max), one per row
         if want_stats:
             lse, entropy = outs[2].flatten(), outs[3].flatten()
@@ -197,31 +208,41 @@ def _forward(
         ce, stats = _engine_forward(engine, student, teacher, student_temp, num_views, chunk_rows)
         if want_stats:
             lse, entropy = _row_lse(engine, student, stats, student_temp, num_views), _teacher_entropy(teacher)
-    normaliser = batch * num_teacher * (num_views - 1)
-    ctx.save_for_backward(student, teacher, stats)
+        if overwrite:  # the torch engine's backward, now, into the logits
+            coef = torch.full((), 1.0 / (student_temp * normaliser), dtype=dtype, device=student.device)
+            torch_backward(coef, student, teacher, stats, student_temp, num_views, chunk_rows, out=student)
+    if overwrite:
+        # The logits now hold their gradient (for a loss gradient of 1): any other node that saved
+        # them fails loudly on backward instead of reading it. Nothing else is saved.
+        torch.autograd.graph.increment_version(student)
+        ctx.save_for_backward(student)
+    else:
+        ctx.save_for_backward(student, teacher, stats)
     ctx.student_temp, ctx.num_views, ctx.chunk_rows, ctx.engine = student_temp, num_views, chunk_rows, engine
-    ctx.normaliser, ctx.inplace_backward = normaliser, inplace_backward
+    ctx.normaliser, ctx.overwrite = normaliser, overwrite
     return ce.sum() / normaliser, lse, entropy
 
 
 def _backward(ctx: Any, grad_output: Tensor) -> Optional[Tensor]:
     if not ctx.needs_input_grad[0]:
         return None
+    if ctx.overwrite:
+        (grad,) = ctx.saved_tensors
+        # The loss is usually the root (gradient 1), and a CPU read costs no sync. Otherwise a new
+        # tensor, so that a second backward (retain_graph) still finds the unscaled gradient.
+        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+            return grad
+        return grad * grad_output.to(grad.dtype)
     student, teacher, stats = ctx.saved_tensors
     # A tensor, not .item(): no host sync, and the Triton kernel reads it from device memory.
     scale = grad_output.to(stats.dtype) / (ctx.student_temp * ctx.normaliser)
     if ctx.engine == "compiled":
         x = student.view(ctx.num_views, teacher.shape[1], -1)
         mask = closed_form.view_mask(ctx.num_views, teacher.shape[0], student.device)
-        grad = closed_form.compiled_grad(x, teacher, mask, stats, scale, ctx.student_temp, ctx.inplace_backward)
-        if ctx.inplace_backward:
-            # The logits now hold the gradient: any other node that saved them fails loudly on unpack.
-            torch.autograd.graph.increment_version(student)
-        return grad.view(student.shape)
-    if ctx.engine == "torch" and ctx.inplace_backward:
-        torch_backward(scale, student, teacher, stats, ctx.student_temp, ctx.num_views, ctx.chunk_rows, out=student)
-        torch.autograd.graph.increment_version(student)
-        return student
+        # A reused buffer: a fresh 84 MB gradient costs more in page faults than in writing it.
+        out = reused_buffer.empty(student.shape, student.dtype)
+        closed_form.compiled_grad(out.view(x.shape), x, teacher, mask, stats, scale, ctx.student_temp)
+        return out
     return _engine_backward(
         ctx.engine, scale, student, teacher, stats, ctx.student_temp, ctx.num_views, ctx.chunk_rows
     )
@@ -232,12 +253,13 @@ class MultiviewCrossEntropy(torch.autograd.Function):
 
     Inputs: student (V*B, K) crop-major logits (any floating dtype), teacher (T, B, K)
     probabilities, tau, V, chunk_rows (eager engines; None = default), the engine name
-    (``"torch"``, ``"compiled"`` or ``"triton"``) and ``inplace_backward`` (compiled engine: write the
-    gradient into the logits' storage; the caller checks that this is safe).
+    (``"torch"``, ``"compiled"`` or ``"triton"``) and ``overwrite_logits`` (CPU engines: forward
+    writes the gradient over the logits; the caller checks that this is safe).
     Output: 0-dim loss in the compute dtype (float32, or float64 for float64 logits).
     Saved for backward: the student logits (the input itself, no copy), the teacher probabilities in
     the compute dtype and the engine's row statistics (one number per row for ``"torch"`` and
-    ``"compiled"``, three for ``"triton"``). The teacher is a target: it gets no gradient.
+    ``"compiled"``, three for ``"triton"``); with ``overwrite_logits`` the logits alone (holding the
+    gradient). The teacher is a target: it gets no gradient.
     """
 
     @staticmethod
@@ -249,10 +271,10 @@ class MultiviewCrossEntropy(torch.autograd.Function):
         num_views: int,
         chunk_rows: Optional[int],
         engine: str,
-        inplace_backward: bool = False,
+        overwrite_logits: bool = False,
     ) -> Tensor:
         loss, _, _ = _forward(
-            ctx, student, teacher, student_temp, num_views, chunk_rows, engine, inplace_backward, False
+            ctx, student, teacher, student_temp, num_views, chunk_rows, engine, overwrite_logits, False
         )
         return loss
 
@@ -271,10 +293,10 @@ class MultiviewCrossEntropyStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor]:
-        # The inputs of MultiviewCrossEntropy.forward (inplace_backward optional, default False).
-        student, teacher, student_temp, num_views, chunk_rows, engine, *inplace = inputs
+        # The inputs of MultiviewCrossEntropy.forward (overwrite_logits optional, default False).
+        student, teacher, student_temp, num_views, chunk_rows, engine, *overwrite = inputs
         loss, lse, entropy = _forward(ctx, student, teacher, student_temp, num_views, chunk_rows, engine,
-                                      bool(inplace and inplace[0]), True)
+                                      bool(overwrite and overwrite[0]), True)
         assert lse is not None and entropy is not None
         ctx.mark_non_differentiable(lse, entropy)
         return loss, lse, entropy
