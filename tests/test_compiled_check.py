@@ -97,9 +97,9 @@ def test_the_teacher_softmax_kernel_is_checked_too(fresh_engine, monkeypatch, ca
     assert "teacher softmax kernel disagrees" in capsys.readouterr().err
     # and the dispatch routes large CPU inputs to it, small ones and disabled compiling to eager
     monkeypatch.setattr(dispatch, "COMPILE_MIN_ELEMENTS", 0)
-    assert dispatch._compile_worthwhile(logits) is False  # disabled for good by the failure above
+    assert dispatch.compile_worthwhile(logits) is False  # disabled for good by the failure above
     monkeypatch.setattr(compiled, "_FAILED", [])
-    assert dispatch._compile_worthwhile(logits) and not dispatch._compile_worthwhile(logits.double())
+    assert dispatch.compile_worthwhile(logits) and not dispatch.compile_worthwhile(logits.double())
 
 
 def test_an_agreeing_kernel_is_used_and_checked_once_per_shape(fresh_engine, monkeypatch, capsys):

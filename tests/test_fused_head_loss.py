@@ -39,11 +39,16 @@ def unfused_and_fused(head, feats, probs, views, chunk_rows):
     return loss, grads, fused, fused_grads
 
 
+@pytest.mark.parametrize("engine", ["eager", "compiled"])
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 @pytest.mark.parametrize(
     "views, teachers, batch, k, dim, chunk", [(4, 2, 3, 50, 8, 2), (10, 2, 5, 257, 16, None), (3, 3, 2, 64, 8, 1)]
 )
-def test_fused_matches_unfused_loss_and_every_gradient(norm_last_layer, views, teachers, batch, k, dim, chunk):
+def test_fused_matches_unfused_loss_and_every_gradient(
+    monkeypatch, engine, norm_last_layer, views, teachers, batch, k, dim, chunk
+):
+    # compiled: each block's loss and gradient is one compiled kernel (both paths compile then)
+    monkeypatch.setattr(dispatch, "COMPILE_MIN_ELEMENTS", 0 if engine == "compiled" else 1 << 40)
     head, feats, probs = setup(views, teachers, batch, k, dim, norm_last_layer)
     loss, grads, fused, fused_grads = unfused_and_fused(head, feats, probs, views, chunk)
     assert rel(fused, loss) <= 1e-5

@@ -90,15 +90,16 @@ def loss_engine(rows: Tensor) -> str:
     backend = backend_for(rows)
     if backend == "triton":
         return backend
-    return "compiled" if _compile_worthwhile(rows) else "torch"
+    return "compiled" if compile_worthwhile(rows) else "torch"
 
 
-def _compile_worthwhile(x: Tensor) -> bool:
-    """A large float32/half CPU tensor, compiling allowed, and not already inside a compiled graph."""
+def compile_worthwhile(x: Tensor, numel: Optional[int] = None) -> bool:
+    """A large (``numel``, default ``x.numel()``) float32/half CPU tensor, compiling allowed, and not
+    already inside a compiled graph."""
     return (
         x.device.type == "cpu"
         and x.dtype in COMPILE_DTYPES
-        and x.numel() >= COMPILE_MIN_ELEMENTS
+        and (x.numel() if numel is None else numel) >= COMPILE_MIN_ELEMENTS
         and not compiled.compile_disabled()
         and not torch.compiler.is_compiling()
     )
@@ -187,7 +188,7 @@ def centered_teacher_softmax(teacher_logits: Tensor, center: Tensor, teacher_tem
     """
     if backend_for(teacher_logits) == "triton":
         return _triton_ops().centered_softmax(teacher_logits.detach(), center, float(teacher_temp))
-    if _compile_worthwhile(teacher_logits):
+    if compile_worthwhile(teacher_logits):
         return teacher_targets.compiled_centered_teacher_softmax(teacher_logits, center, teacher_temp)
     return teacher_targets.centered_teacher_softmax(teacher_logits, center, teacher_temp)
 
