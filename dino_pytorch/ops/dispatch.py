@@ -153,8 +153,7 @@ def multiview_cross_entropy(
             hold the gradient from then on; nothing else is saved for backward. Only for logits
             that nothing reads after the loss: the output of a linear layer is fine; a leaf (or a
             view of one) is refused, and any other node that saved the logits raises on backward
-            (their version counter is bumped). Ignored by the Triton engine (CUDA) and inside
-            ``torch.compile``.
+            (their version counter is bumped). Ignored off the CPU and inside ``torch.compile``.
         return_stats: also return per-row statistics, from the same passes as the loss.
 
     Returns:
@@ -165,8 +164,9 @@ def multiview_cross_entropy(
     if overwrite_logits and rows.requires_grad and (rows.is_leaf or (rows._base is not None and rows._base.is_leaf)):
         raise ValueError("overwrite_logits=True would overwrite a leaf tensor with its own gradient; "
                          "pass the output of a layer (e.g. the head's last linear layer)")
-    # Inside an outer torch.compile the input is not mutated: the compiled graph fuses the passes itself.
-    overwrite_logits = overwrite_logits and not torch.compiler.is_compiling()
+    # CPU only (on CUDA the Triton kernels stream each row once anyway, and the caching allocator has
+    # no page faults); inside an outer torch.compile the input is not mutated: the graph fuses itself.
+    overwrite_logits = overwrite_logits and rows.device.type == "cpu" and not torch.compiler.is_compiling()
     engine = loss_engine(rows)
     # The engine stays the last argument unless overwriting is asked for (callers and tests read it there).
     args: tuple[Any, ...] = (rows, teacher, float(student_temp), num_views, chunk_rows, engine)
