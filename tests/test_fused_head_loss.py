@@ -162,8 +162,19 @@ def test_overwrite_logits_puts_the_gradient_in_the_logits_and_guards(monkeypatch
     loss, stats = multiview_cross_entropy(logits, probs, 0.1, overwrite_logits=True, return_stats=True)
     assert rel(loss, ref_loss) <= 1e-6 and rel(stats.lse, ref_stats.lse) <= 1e-6
     assert not torch.equal(logits.detach(), base @ w.detach())  # overwritten already, at forward
-    (3.0 * loss).backward()  # a loss gradient of 3: scaled, into a new tensor
+    (3.0 * loss).backward()  # a loss gradient of 3: scaled in place
     assert rel(w.grad, want) <= 1e-6
+    # retain_graph: a second backward of an unscaled loss gets the same gradient; after a scaled
+    # first backward (the gradient scaled in place) it says so instead of using a wrong one.
+    w.grad = None
+    unscaled = multiview_cross_entropy(base @ w, probs, 0.1, overwrite_logits=True)
+    unscaled.backward(retain_graph=True)
+    unscaled.backward()
+    assert rel(w.grad, 2 * want / 3) <= 1e-6
+    scaled = 3.0 * multiview_cross_entropy(base @ w, probs, 0.1, overwrite_logits=True)
+    scaled.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="overwrite_logits: the logits"):
+        scaled.backward()
     w.grad = None
     logits = base @ w
     ptr = logits.data_ptr()

@@ -191,7 +191,7 @@ def _forward(
     teacher = teacher.detach().to(dtype)
     num_teacher, batch = teacher.shape[0], teacher.shape[1]
     normaliser = batch * num_teacher * (num_views - 1)
-    overwrite = overwrite and engine != "triton" and ctx.needs_input_grad[0]
+    overwrite = overwrite and student.device.type == "cpu" and ctx.needs_input_grad[0]
     lse = entropy = None
     if engine == "compiled":
         x = student.view(num_views, batch, -1)
@@ -227,12 +227,19 @@ def _backward(ctx: Any, grad_output: Tensor) -> Optional[Tensor]:
     if not ctx.needs_input_grad[0]:
         return None
     if ctx.overwrite:
-        (grad,) = ctx.saved_tensors
-        # The loss is usually the root (gradient 1), and a CPU read costs no sync. Otherwise a new
-        # tensor, so that a second backward (retain_graph) still finds the unscaled gradient.
-        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
-            return grad
-        return grad * grad_output.to(grad.dtype)
+        try:
+            (grad,) = ctx.saved_tensors
+        except RuntimeError as err:  # the version check: the gradient in the logits was changed
+            raise RuntimeError(
+                "overwrite_logits: the logits, which hold their gradient since the loss's forward, were "
+                "modified in place afterwards (by a later in-place op, or by a first backward that scaled "
+                "them: retain_graph with a loss gradient other than 1); compute this loss without "
+                "overwrite_logits"
+            ) from err
+        scale = grad_output.item()  # the CPU engines only: no device sync
+        # Scaled in place (e.g. ``loss / grad_accum_steps``): a new tensor would cost the page faults
+        # that overwriting avoids.
+        return grad if scale == 1.0 else grad.mul_(scale)
     student, teacher, stats = ctx.saved_tensors
     # A tensor, not .item(): no host sync, and the Triton kernel reads it from device memory.
     scale = grad_output.to(stats.dtype) / (ctx.student_temp * ctx.normaliser)
