@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dino_pytorch.ops import closed_form, compiled, dispatch, teacher_targets
+from dino_pytorch.ops import closed_form, compiled, dispatch, ema_lerp, teacher_targets
 
 compiled_module = compiled
 
@@ -87,6 +87,16 @@ def test_an_agreeing_overwriting_kernel_is_kept(fresh_engine, monkeypatch, capsy
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert calls == ["loss and gradient"] * 2 and not compiled.compile_disabled()
     assert capsys.readouterr().err == ""
+
+
+def test_a_miscompiled_ema_kernel_leaves_the_true_average(fresh_engine, monkeypatch, capsys):
+    teachers = [torch.ones(5), torch.zeros(3)]
+    students = [torch.full((5,), 3.0), torch.full((3,), 2.0)]
+    _fake_compiled(monkeypatch, {"ema lerp": lambda t, s, w: [x.fill_(float("nan")) for x in t]})
+    ema_lerp.ema_lerp_(teachers, students, 0.25, compile_it=True)
+    torch.testing.assert_close(teachers[0], torch.full((5,), 1.5))  # 1 + 0.25 (3 - 1)
+    torch.testing.assert_close(teachers[1], torch.full((3,), 0.5))
+    assert "ema lerp kernel disagrees" in capsys.readouterr().err and compiled.compile_disabled()
 
 
 def test_the_teacher_softmax_kernel_is_checked_too(fresh_engine, monkeypatch, capsys):

@@ -60,6 +60,15 @@ def _agree(compiled: Any, reference: Any) -> bool:
     return True
 
 
+def _signature(arg: Any) -> Any:
+    """What tells compiled graphs apart: shapes and dtypes of tensors (also in lists), other values."""
+    if isinstance(arg, Tensor):
+        return tuple(arg.shape), arg.dtype
+    if isinstance(arg, (list, tuple)):
+        return tuple(map(_signature, arg))
+    return arg
+
+
 def _fail(message: str) -> None:
     _FAILED.append(message)
     print(f"dino_pytorch: {message}; using the eager engine", file=sys.stderr)
@@ -77,7 +86,7 @@ def run(name: str, eager: Callable[[], Any], *args: Any, reference: Optional[Cal
     """
     if not compile_disabled():
         # one check per compiled graph: dynamic=False compiles anew for each shape
-        key = (name, *((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else a for a in args))
+        key = (name, *map(_signature, args))
         check = key not in _CHECKED
         expected = reference() if check and reference is not None else None
         try:
