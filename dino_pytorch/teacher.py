@@ -38,13 +38,13 @@ class _Plan:
         self.student = student
         self.tensors = [t for pair in params + buffers for t in pair]
         self.key = self._key()
-        # (teacher list, student list, compile?) per device and dtype; detached aliases, so that a
+        # (teacher list, student list, compiled graph key) per device and dtype; detached aliases, so that a
         # compiled kernel sees the same inputs whatever the parameters' requires_grad (the key
         # above catches a parameter whose storage is replaced).
         self.groups = []
         for teachers, students in _grouped(params).values():
             teachers, students = [t.detach() for t in teachers], [s.detach() for s in students]
-            self.groups.append((teachers, students, ema_lerp.compile_worthwhile(teachers)))
+            self.groups.append((teachers, students, ema_lerp.graph_key(teachers, students)))
         self.buffers = buffers
 
     def _key(self) -> tuple[list[Any], ...]:
@@ -171,11 +171,11 @@ class EMATeacher(nn.Module):
         weight: Union[float, Tensor] = 1.0 - m
         if skip is not None:
             weight = (1.0 - m) * (~skip.detach()).to(torch.float32)  # 0 on a skipped step
-        for teacher_list, student_list, compile_it in plan.groups:
+        for teacher_list, student_list, key in plan.groups:
             # lerp(t, s, 1-m) = t + (1-m)(s - t): one read of each tensor, no temporaries. A student
             # in another dtype (e.g. bf16) still updates a float32 teacher.
             w = weight.to(teacher_list[0].device) if isinstance(weight, Tensor) else weight
-            ema_lerp.ema_lerp_(teacher_list, student_list, w, compile_it)
+            ema_lerp.ema_lerp_(teacher_list, student_list, w, key)
         if self.buffers_mode != "keep":
             for t, s in plan.buffers:
                 if self.buffers_mode == "ema" and t.is_floating_point():

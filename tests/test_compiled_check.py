@@ -93,7 +93,7 @@ def test_a_miscompiled_ema_kernel_leaves_the_true_average(fresh_engine, monkeypa
     teachers = [torch.ones(5), torch.zeros(3)]
     students = [torch.full((5,), 3.0), torch.full((3,), 2.0)]
     _fake_compiled(monkeypatch, {"ema lerp": lambda t, s, w: [x.fill_(float("nan")) for x in t]})
-    ema_lerp.ema_lerp_(teachers, students, 0.25, compile_it=True)
+    ema_lerp.ema_lerp_(teachers, students, 0.25, key=("ema lerp", "test"))
     torch.testing.assert_close(teachers[0], torch.full((5,), 1.5))  # 1 + 0.25 (3 - 1)
     torch.testing.assert_close(teachers[1], torch.full((3,), 0.5))
     assert "ema lerp kernel disagrees" in capsys.readouterr().err and compiled.compile_disabled()

@@ -60,12 +60,12 @@ def _agree(compiled: Any, reference: Any) -> bool:
     return True
 
 
-def _signature(arg: Any) -> Any:
+def signature(arg: Any) -> Any:
     """What tells compiled graphs apart: shapes and dtypes of tensors (also in lists), other values."""
     if isinstance(arg, Tensor):
         return tuple(arg.shape), arg.dtype
     if isinstance(arg, (list, tuple)):
-        return tuple(map(_signature, arg))
+        return tuple(map(signature, arg))
     return arg
 
 
@@ -75,7 +75,8 @@ def _fail(message: str) -> None:
 
 
 def run(name: str, eager: Callable[[], Any], *args: Any, reference: Optional[Callable[[], Any]] = None,
-        restore: Optional[Callable[[Any], Any]] = None, observe: Optional[Callable[[Any], Any]] = None) -> Any:
+        restore: Optional[Callable[[Any], Any]] = None, observe: Optional[Callable[[Any], Any]] = None,
+        key: Optional[tuple[Any, ...]] = None) -> Any:
     """The compiled kernel ``name`` on ``args``; ``eager()`` when compiling is off or fails.
 
     On the first call of each graph the result is compared with the eager twin (``reference()``,
@@ -83,10 +84,12 @@ def run(name: str, eager: Callable[[], Any], *args: Any, reference: Optional[Cal
     ``reference`` must compute the expected value before the compiled call, into new memory,
     ``observe(result)`` gives what of the compiled call to compare with it (e.g. the overwritten
     input too), and ``restore(expected)`` what to return (and write back) when they disagree.
+    ``key`` names the graph (default: ``name`` and :func:`signature` of the arguments); a caller
+    that runs the same long list of tensors every step passes it, computed once.
     """
     if not compile_disabled():
         # one check per compiled graph: dynamic=False compiles anew for each shape
-        key = (name, *map(_signature, args))
+        key = key if key is not None else (name, *map(signature, args))
         check = key not in _CHECKED
         expected = reference() if check and reference is not None else None
         try:

@@ -11,7 +11,7 @@ compile (:mod:`.compiled`) use the foreach call.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -49,8 +49,16 @@ def foreach_lerp_(teachers: list[Tensor], students: list[Tensor], weight: Union[
     torch._foreach_lerp_(teachers, students, weight)  # type: ignore[arg-type]
 
 
+def graph_key(teachers: list[Tensor], students: list[Tensor]) -> Optional[tuple[Any, ...]]:
+    """The compiled graph's name for this group, or None where the group stays eager: computed once
+    per group (reading 316 tensors' shapes every step would cost ~0.2 ms)."""
+    if not compile_worthwhile(teachers):
+        return None
+    return ("ema lerp", compiled.signature(teachers), compiled.signature(students))
+
+
 def ema_lerp_(
-    teachers: list[Tensor], students: list[Tensor], weight: Union[float, Tensor], compile_it: bool
+    teachers: list[Tensor], students: list[Tensor], weight: Union[float, Tensor], key: Optional[tuple[Any, ...]]
 ) -> None:
     """``t <- t + weight (s - t)`` for every pair of one device and teacher dtype.
 
@@ -58,9 +66,9 @@ def ema_lerp_(
         teachers: tensors updated in place (detached aliases of the teacher's parameters).
         students: tensors of the same shapes, any floating dtype (cast to the teacher's).
         weight: ``1 - momentum``, a float or a 0-dim tensor (0 on a skipped step).
-        compile_it: use the compiled kernel (see :func:`compile_worthwhile`).
+        key: :func:`graph_key` of the group: None runs the foreach call.
     """
-    if not compile_it or compiled.compile_disabled() or torch.compiler.is_compiling():
+    if key is None or compiled.compile_disabled() or torch.compiler.is_compiling():
         foreach_lerp_(teachers, students, weight)
         return
     # A tensor weight: as a float, every value of the momentum schedule would compile anew.
@@ -77,5 +85,5 @@ def ema_lerp_(
 
     compiled.run(
         "ema lerp", lambda: foreach_lerp_(teachers, students, w), teachers, students, w,
-        reference=reference, observe=lambda _: tuple(teachers), restore=restore,
+        reference=reference, observe=lambda _: tuple(teachers), restore=restore, key=key,
     )

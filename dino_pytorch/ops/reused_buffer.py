@@ -57,8 +57,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         A tensor that shares memory with nothing reachable from outside this module.
     """
     shape = tuple(int(n) for n in shape)
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    if math.prod(shape) * dtype_bytes < MIN_BYTES or not supported():
+    if math.prod(shape) * dtype.itemsize < MIN_BYTES or not supported():
         return torch.empty(shape, dtype=dtype)
     key = (shape, dtype)
     with _LOCK:
