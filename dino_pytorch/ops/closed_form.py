@@ -170,18 +170,11 @@ def eager_loss_and_grad(
     x: Tensor, probs: Tensor, mask: Tensor, scale: Tensor, student_temp: float, entropy: bool,
     chunk_rows: Optional[int] = None,
 ) -> tuple[Tensor, ...]:
-    """:func:`loss_and_grad_rows` block by block: each block's statistics, then its gradient over it."""
-    num_views, batch, k = x.shape
-    outs = [torch.empty(num_views, batch, device=x.device) for _ in range(3)]
-    for v, b0, b1 in _blocks(num_views, batch, k, chunk_rows):
-        block = x[v : v + 1, b0:b1]
-        stats = forward_rows(block, probs[:, b0:b1], mask[v : v + 1], student_temp, False)
-        for out, value in zip(outs, stats):
-            out[v, b0:b1] = value[0]
-        block.copy_(grad_rows(block, probs[:, b0:b1], mask[v : v + 1], stats[1], scale, student_temp))
-    if entropy:
-        outs.append(-torch.special.xlogy(probs, probs).sum(dim=-1))
-    return tuple(outs)
+    """:func:`loss_and_grad_rows` eagerly: :func:`eager_forward`, then :func:`eager_grad` over ``x``
+    (each block is read before it is written)."""
+    outs = eager_forward(x, probs, mask, student_temp, entropy, chunk_rows)
+    eager_grad(x, probs, mask, outs[1], scale, student_temp, out=x, chunk_rows=chunk_rows)
+    return outs
 
 
 # -- compiled: lazily, once per process; any failure falls back to the eager twin ----------------
