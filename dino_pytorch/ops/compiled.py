@@ -38,6 +38,18 @@ def compile_disabled() -> bool:
     return bool(_FAILED) or os.environ.get(DISABLE_COMPILE_ENV, "0").strip() == "1"
 
 
+def allowed() -> bool:
+    """Compiling not disabled or failed, and not already inside a compiled graph (an outer
+    ``torch.compile`` fuses the eager twin itself)."""
+    return not compile_disabled() and not torch.compiler.is_compiling()
+
+
+def worthwhile(device: torch.device, numel: int, min_elements: int) -> bool:
+    """The rule every caller shares: a CPU input of at least ``min_elements`` (below it a compile,
+    seconds once per shape, does not pay off), and :func:`allowed`."""
+    return device.type == "cpu" and numel >= min_elements and allowed()
+
+
 @functools.cache
 def _compiled(name: str) -> Callable[..., Any]:
     # dynamic=False: the shapes of a training run are fixed, and static loops vectorise best.

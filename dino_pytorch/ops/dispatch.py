@@ -96,13 +96,8 @@ def loss_engine(rows: Tensor) -> str:
 def compile_worthwhile(x: Tensor, numel: Optional[int] = None) -> bool:
     """A large (``numel``, default ``x.numel()``) float32/half CPU tensor, compiling allowed, and not
     already inside a compiled graph."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in COMPILE_DTYPES
-        and (x.numel() if numel is None else numel) >= COMPILE_MIN_ELEMENTS
-        and not compiled.compile_disabled()
-        and not torch.compiler.is_compiling()
-    )
+    size = x.numel() if numel is None else numel
+    return x.dtype in COMPILE_DTYPES and compiled.worthwhile(x.device, size, COMPILE_MIN_ELEMENTS)
 
 
 def _triton_ops() -> Any:

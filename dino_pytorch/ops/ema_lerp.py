@@ -32,13 +32,8 @@ compiled.register("ema lerp", lerp_pairs)
 
 
 def compile_worthwhile(teachers: list[Tensor]) -> bool:
-    """A large CPU group, compiling allowed, and not already inside a compiled graph."""
-    return (
-        teachers[0].device.type == "cpu"
-        and sum(t.numel() for t in teachers) >= COMPILE_MIN_ELEMENTS
-        and not compiled.compile_disabled()
-        and not torch.compiler.is_compiling()
-    )
+    """A large CPU group (:func:`.compiled.worthwhile`)."""
+    return compiled.worthwhile(teachers[0].device, sum(t.numel() for t in teachers), COMPILE_MIN_ELEMENTS)
 
 
 def foreach_lerp_(teachers: list[Tensor], students: list[Tensor], weight: Union[float, Tensor]) -> None:
@@ -68,7 +63,7 @@ def ema_lerp_(
         weight: ``1 - momentum``, a float or a 0-dim tensor (0 on a skipped step).
         key: :func:`graph_key` of the group: None runs the foreach call.
     """
-    if key is None or compiled.compile_disabled() or torch.compiler.is_compiling():
+    if key is None or not compiled.allowed():  # the size rule was applied when the key was made
         foreach_lerp_(teachers, students, weight)
         return
     # A tensor weight: as a float, every value of the momentum schedule would compile anew.
