@@ -1,15 +1,12 @@
-"""Tests for dino_pytorch.augment.MultiCropRecipe, the configuration both augmenters read, and for
-the deprecated dino_pytorch.transforms / dino_pytorch.batched_transforms shims."""
+"""Tests for dino_pytorch.augment.MultiCropRecipe, the configuration both augmenters read."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import pickle
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -166,21 +163,6 @@ def test_errors_name_the_argument_the_value_and_what_was_expected(kwargs, exc, n
         MultiCropRecipe(**kwargs)
     message = str(info.value)
     assert name_value in message and expected in message, message
-
-
-@pytest.mark.parametrize("module,names", [
-    ("dino_pytorch.transforms", ["MultiCropTransform", "IMAGENET_MEAN", "IMAGENET_STD"]),
-    ("dino_pytorch.batched_transforms", ["BatchedMultiCrop", "ViewParams", "multicrop_collate", "stack_images"]),
-])
-def test_old_modules_warn_and_reexport(module, names):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        old = importlib.import_module(module)
-    with pytest.warns(DeprecationWarning, match=rf"{module} is deprecated.*dino_pytorch\.augment"):
-        old = importlib.reload(old)
-    new = importlib.import_module("dino_pytorch.augment")
-    for name in names:
-        assert getattr(old, name) is getattr(new, name), name
 
 
 def test_package_import_does_not_warn():
