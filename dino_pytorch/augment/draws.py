@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..validate import is_int
+from .crop_box import TENSOR, centred_box, try_size
 from .recipe import CROP_ATTEMPTS
 
 __all__ = ["DRAWS_PER_VIEW", "SeedsLike", "Uniforms", "check_seeds", "sample_boxes"]
@@ -86,35 +87,25 @@ def sample_boxes(sizes: Tensor, scale: tuple[float, float], ratio: tuple[float, 
     """RandomResizedCrop boxes, vectorised over the batch: ``sizes (B, 2)`` int64 ``(H, W)`` ->
     ``(B, 4)`` int64 ``(top, left, height, width)``.
 
-    torchvision's scheme: up to 10 tries of an area fraction ``U(scale)`` and a log-uniform aspect
-    ratio, the first box that fits wins; if none fits, the largest centred box with the aspect ratio
-    clamped into ``ratio``.  All 10 tries are drawn for every sample; taking the first one that fits
-    gives the same distribution as stopping there.
+    The rule of :mod:`~dino_pytorch.augment.crop_box`, with all 10 tries drawn for every sample;
+    taking the first one that fits gives the same distribution as stopping there.
     """
     height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # (B, 1)
-    target_area = height * width * draws.uniform(CROP_ATTEMPTS, *scale)
-    aspect = torch.exp(draws.uniform(CROP_ATTEMPTS, math.log(ratio[0]), math.log(ratio[1])))
-    # torch.round is round-half-even, like Python's round() in sample_crop_params.
-    crop_w = torch.round(torch.sqrt(target_area * aspect))
-    crop_h = torch.round(torch.sqrt(target_area / aspect))
-    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)  # (B, tries)
+    fraction = draws.uniform(CROP_ATTEMPTS, *scale)
+    log_aspect = draws.uniform(CROP_ATTEMPTS, math.log(ratio[0]), math.log(ratio[1]))
+    tries_h, tries_w, fits = try_size(height, width, fraction, log_aspect, TENSOR)  # (B, tries)
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    crop_w = crop_w.gather(1, first).squeeze(1)
-    crop_h = crop_h.gather(1, first).squeeze(1)
     found = fits.any(dim=1)
-
     height, width = height.squeeze(1), width.squeeze(1)
-    in_ratio = width / height
-    fallback_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-    fallback_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    crop_w = torch.where(found, crop_w, fallback_w)
-    crop_h = torch.where(found, crop_h, fallback_h)
+    centre_top, centre_left, centre_h, centre_w = centred_box(height, width, ratio, TENSOR)
+    crop_h = torch.where(found, tries_h.gather(1, first).squeeze(1), centre_h)
+    crop_w = torch.where(found, tries_w.gather(1, first).squeeze(1), centre_w)
 
     # Uniform integer offsets in [0, H - h] and [0, W - w]; drawn for every sample to keep the stream
     # layout independent of which samples fell back.
     u_top, u_left = draws.take(2, by_column=True).unbind(dim=1)
-    top = torch.where(found, torch.floor(u_top * (height - crop_h + 1)), torch.floor((height - crop_h) / 2))
-    left = torch.where(found, torch.floor(u_left * (width - crop_w + 1)), torch.floor((width - crop_w) / 2))
+    top = torch.where(found, torch.floor(u_top * (height - crop_h + 1)), centre_top)
+    left = torch.where(found, torch.floor(u_left * (width - crop_w + 1)), centre_left)
     return torch.stack([top, left, crop_h, crop_w], dim=1).long()
 
 

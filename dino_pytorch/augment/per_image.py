@@ -34,6 +34,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from . import functional as AF
+from .crop_box import SCALAR, centred_box, try_size
 from .functional import ImageLike
 from .recipe import CROP_ATTEMPTS, MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
 
@@ -102,31 +103,20 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
         """Draw one crop box ``(top, left, crop_height, crop_width)`` for an image of this size.
 
         Uses the global (or, with ``local=True``, the local) crop scale and ``ratio``.  The scheme is
-        the one of ``torchvision.transforms.RandomResizedCrop``: up to 10 tries of a uniform area
-        fraction and a log-uniform aspect ratio, then a centre crop with the ratio clamped into range.
+        the one of ``torchvision.transforms.RandomResizedCrop`` (:mod:`~dino_pytorch.augment.crop_box`):
+        up to 10 tries of a uniform area fraction and a log-uniform aspect ratio, drawn one try at a
+        time from torch's global RNG, then a centre crop with the ratio clamped into range.
         """
-        ratio = self.recipe.ratio
+        ratio = cast("tuple[float, float]", self.recipe.ratio)
         scale = self.recipe.local_crops_scale if local else self.recipe.global_crops_scale
-        area = height * width
         log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
         for _ in range(CROP_ATTEMPTS):
-            target_area = area * _uniform(scale[0], scale[1])
-            aspect = math.exp(_uniform(log_lo, log_hi))
-            crop_w = int(round(math.sqrt(target_area * aspect)))
-            crop_h = int(round(math.sqrt(target_area / aspect)))
-            if 0 < crop_w <= width and 0 < crop_h <= height:
+            fraction = _uniform(scale[0], scale[1])
+            log_aspect = _uniform(log_lo, log_hi)
+            crop_h, crop_w, fits = try_size(height, width, fraction, log_aspect, SCALAR)
+            if fits:
                 return _randint(0, height - crop_h), _randint(0, width - crop_w), crop_h, crop_w
-
-        # Rejection failed (very elongated image or scale near 1): take the largest centred box
-        # whose aspect ratio lies in range.
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            crop_w, crop_h = width, int(round(width / ratio[0]))
-        elif in_ratio > ratio[1]:
-            crop_h, crop_w = height, int(round(height * ratio[1]))
-        else:
-            crop_w, crop_h = width, height
-        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+        return centred_box(height, width, ratio, SCALAR)
 
     def forward(self, image: ImageLike) -> list[torch.Tensor]:
         """Return ``[global_1, ..., global_G, local_1, ..., local_N]`` for one image.
