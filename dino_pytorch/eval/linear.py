@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -191,86 +192,110 @@ def train_linear_probe(
             raise ValueError("train_loader has no batch_size attribute: pass batch_size_for_lr= (the total batch size)")
         batch_size_for_lr = batch_size * get_world_size()
     device = torch.device(device)
-    scaled_lr = lr * batch_size_for_lr / 256.0
     features = _FeatureFn(backbone, n_last_blocks, avgpool_patchtokens, official_interleave)
+    cache_batch = (getattr(train_loader, "batch_size", None) or batch_size_for_lr) if precompute_features else None
     was_training = backbone.training
     backbone.eval()
     try:
-        if precompute_features:
-            train_cache = _precompute(features, train_loader, device)
-            val_cache = _precompute(features, val_loader, device)
-            cache_batch = getattr(train_loader, "batch_size", None) or batch_size_for_lr
-
-            def train_batches() -> Iterator[tuple[Tensor, Tensor]]:
-                order = torch.randperm(train_cache[1].shape[0], device=device)
-                for i in range(0, order.shape[0], cache_batch):
-                    idx = order[i: i + cache_batch]
-                    yield train_cache[0][idx], train_cache[1][idx]
-
-            def val_batches() -> Iterator[tuple[Tensor, Tensor]]:
-                for i in range(0, val_cache[1].shape[0], 4096):
-                    yield val_cache[0][i: i + 4096], val_cache[1][i: i + 4096]
-
-        else:
-
-            def train_batches() -> Iterator[tuple[Tensor, Tensor]]:
-                for images, targets in _batches(train_loader, device):
-                    yield features(images), targets.long()
-
-            def val_batches() -> Iterator[tuple[Tensor, Tensor]]:
-                for images, targets in _batches(val_loader, device):
-                    yield features(images), targets.long()
-
-        # The first batch sizes the classifier, then starts epoch 0.
-        pending = train_batches()
-        first = next(pending, None)
-        if first is None:
-            raise ValueError("train_loader yielded no batches, expected at least one")
-        feature_dim = first[0][0].numel()
-        classifier = LinearClassifier(feature_dim, num_labels).to(device)
-        optimizer = torch.optim.SGD(classifier.parameters(), lr=scaled_lr, momentum=momentum, weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
-        history: list[dict[str, Any]] = []
-        best = {"top1": -math.inf, "top5": 0.0, "epoch": -1}
-        final = (0.0, 0.0)
-        state: dict[str, Any] = {}
-        for epoch in range(epochs):
-            classifier.train()
-            loss_sum, seen = torch.zeros((), device=device), 0
-            for feats, targets in (itertools.chain([first], pending) if epoch == 0 else train_batches()):
-                loss = F.cross_entropy(classifier(feats), targets)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * targets.shape[0]  # stays on device: no sync per step
-                seen += targets.shape[0]
-            stats: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1),
-                                     "lr": optimizer.param_groups[0]["lr"]}
-            scheduler.step()
-            if epoch % val_freq == 0 or epoch == epochs - 1:
-                top1, top5, val_loss = _evaluate(classifier, val_batches())
-                final = (top1, top5)
-                if top1 > best["top1"]:
-                    best = {"top1": top1, "top5": top5, "epoch": epoch}
-                stats.update(val_top1=top1, val_top5=top5, val_loss=val_loss, best_top1=best["top1"])
-                state = {
-                    "epoch": epoch + 1,
-                    "state_dict": classifier.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "best_acc": best["top1"],
-                }
-                if checkpoint_path:
-                    torch.save(state, checkpoint_path)
-            history.append(stats)
-            if log is not None:
-                log(stats)
+        train_batches, val_batches = _feature_batches(features, train_loader, val_loader, device, cache_batch)
+        return _fit(train_batches, val_batches, num_labels, device, epochs=epochs, lr=lr * batch_size_for_lr / 256.0,
+                    momentum=momentum, weight_decay=weight_decay, val_freq=val_freq,
+                    checkpoint_path=checkpoint_path, log=log)
     finally:
         backbone.train(was_training)
+
+
+Batches = Callable[[], Iterator[tuple[Tensor, Tensor]]]
+
+
+def _live_batches(features: _FeatureFn, loader: Iterable, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    for images, targets in _batches(loader, device):
+        yield features(images), targets.long()
+
+
+def _feature_batches(features: _FeatureFn, train_loader: Iterable, val_loader: Iterable, device: torch.device,
+                     cache_batch: Optional[int]) -> tuple[Batches, Batches]:
+    """(train, val): each call starts one pass of ``(features (B, D), labels (B,))`` batches.
+
+    With ``cache_batch``, both sets' features are extracted once here, and each train pass
+    reshuffles the cached rows into batches of ``cache_batch``; else every pass runs the backbone
+    on what the loader yields.
+    """
+    if cache_batch is None:
+        return (partial(_live_batches, features, train_loader, device),
+                partial(_live_batches, features, val_loader, device))
+
+    train_cache = _precompute(features, train_loader, device)
+    val_cache = _precompute(features, val_loader, device)
+
+    def train_batches() -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(train_cache[1].shape[0], device=device)
+        for i in range(0, order.shape[0], cache_batch):
+            idx = order[i: i + cache_batch]
+            yield train_cache[0][idx], train_cache[1][idx]
+
+    def val_batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, val_cache[1].shape[0], 4096):
+            yield val_cache[0][i: i + 4096], val_cache[1][i: i + 4096]
+
+    return train_batches, val_batches
+
+
+def _train_epoch(classifier: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
+                 device: torch.device) -> float:
+    """One pass of SGD over ``batches`` of (features, labels); returns the mean loss per sample."""
+    classifier.train()
+    loss_sum, seen = torch.zeros((), device=device), 0
+    for feats, targets in batches:
+        loss = F.cross_entropy(classifier(feats), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * targets.shape[0]  # stays on device: no sync per step
+        seen += targets.shape[0]
+    return float(loss_sum) / max(seen, 1)
+
+
+def _fit(train_batches: Batches, val_batches: Batches, num_labels: int, device: torch.device, *, epochs: int,
+         lr: float, momentum: float, weight_decay: float, val_freq: int, checkpoint_path: Optional[str],
+         log: Optional[Callable[[dict[str, Any]], None]]) -> dict[str, Any]:
+    """The probe's training (``lr`` already scaled), evaluations and checkpoints: what
+    :func:`train_linear_probe` returns."""
+    # The first batch sizes the classifier, then starts epoch 0.
+    pending = train_batches()
+    first = next(pending, None)
+    if first is None:
+        raise ValueError("train_loader yielded no batches, expected at least one")
+    feature_dim = first[0][0].numel()
+    classifier = LinearClassifier(feature_dim, num_labels).to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
+    history: list[dict[str, Any]] = []
+    best = {"top1": -math.inf, "top5": 0.0, "epoch": -1}
+    final = (0.0, 0.0)
+    state: dict[str, Any] = {}
+    for epoch in range(epochs):
+        batches = itertools.chain([first], pending) if epoch == 0 else train_batches()
+        stats: dict[str, Any] = {"epoch": epoch, "train_loss": _train_epoch(classifier, optimizer, batches, device),
+                                 "lr": optimizer.param_groups[0]["lr"]}
+        scheduler.step()
+        if epoch % val_freq == 0 or epoch == epochs - 1:
+            top1, top5, val_loss = _evaluate(classifier, val_batches())
+            final = (top1, top5)
+            if top1 > best["top1"]:
+                best = {"top1": top1, "top5": top5, "epoch": epoch}
+            stats.update(val_top1=top1, val_top5=top5, val_loss=val_loss, best_top1=best["top1"])
+            state = {"epoch": epoch + 1, "state_dict": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "best_acc": best["top1"]}
+            if checkpoint_path:
+                torch.save(state, checkpoint_path)
+        history.append(stats)
+        if log is not None:
+            log(stats)
     return {
         "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
         "final_top1": final[0], "final_top5": final[1], "classifier": classifier,
-        "feature_dim": feature_dim, "lr": scaled_lr, "history": history, "state": state,
+        "feature_dim": feature_dim, "lr": lr, "history": history, "state": state,
     }
 
 
