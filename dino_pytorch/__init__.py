@@ -4,7 +4,7 @@ from .augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
 from .dino import DINO
 from .head import DINOHead
 from .koleo import KoLeoLoss
-from .loss import DINOLoss
+from .losses import DINOLoss
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
 from .wrapper import MultiCropWrapper

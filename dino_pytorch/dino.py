@@ -13,12 +13,23 @@ from .diagnostics import collapse_metrics
 from .features import as_feature_extractor, feature_dim_hint, first_conv_channels, infer_feature_dim
 from .head import DINOHead
 from .koleo import KoLeoLoss
-from .loss import DINOLoss
+from .losses import DINOLoss
 from .optim import cancel_gradients_, clip_gradients_, get_params_groups, set_schedules
 from .schedules import DINOSchedules
 from .teacher import EMATeacher
-from .validate import check_float, check_positive_int
+from .validate import check_bool, check_float, check_positive_int
 from .wrapper import MultiCropWrapper
+
+
+def _check_one_momentum_source(schedules: Optional[DINOSchedules], **scalars: Optional[float]) -> None:
+    """``schedules`` or the momentum scalars, never both: one would be ignored silently."""
+    if schedules is not None and not isinstance(schedules, DINOSchedules):
+        raise TypeError(f"schedules is a {type(schedules).__name__}, expected a DINOSchedules or None")
+    given = {name: value for name, value in scalars.items() if value is not None}
+    if schedules is not None and given:
+        named = ", ".join(f"{name}={value!r}" for name, value in given.items())
+        raise ValueError(f"{named} given with schedules=: the schedules set the teacher momentum of every step; "
+                         "expected one or the other (DINOSchedules.official(..., momentum_teacher=...))")
 
 
 class DINO(nn.Module):
@@ -67,18 +78,25 @@ class DINO(nn.Module):
         student_temp: :class:`DINOLoss` option: student temperature.
         center_momentum: :class:`DINOLoss` option: EMA momentum of the centre.
         centering: :class:`DINOLoss` option: ``"centering"`` or ``"sinkhorn_knopp"``.
-        momentum_teacher: :class:`EMATeacher` option ``momentum``: base EMA momentum.
-        final_momentum: :class:`EMATeacher` option: momentum at the end of the cosine schedule.
-        total_steps: :class:`EMATeacher` option: schedule length in optimizer steps.
+        momentum_teacher: :class:`EMATeacher` option ``momentum``: base EMA momentum (default
+            0.996). Not with ``schedules``, which gives the momentum per step.
+        final_momentum: :class:`EMATeacher` option: momentum at the end of the cosine schedule
+            (default 1.0). Not with ``schedules``.
+        total_steps: :class:`EMATeacher` option: schedule length in optimizer steps. Not with
+            ``schedules``.
         teacher_buffers: :class:`EMATeacher` option ``buffers``: ``"keep"``, ``"copy"`` or ``"ema"``.
         schedules: per-step lr, weight decay and teacher momentum (:class:`DINOSchedules`); when
-            given, :meth:`update_teacher` takes the momentum from it (and ``momentum_teacher``,
-            ``final_momentum`` and ``total_steps`` are not used).
+            given, :meth:`update_teacher` takes the momentum from it, and giving ``momentum_teacher``,
+            ``final_momentum`` or ``total_steps`` too is an error (one source of the momentum).
         koleo_weight: weight of DINOv2's :class:`~dino_pytorch.KoLeoLoss` on the student backbone's
             features of each global view (0: off, official DINO; DINOv2 uses 0.1).
         on_nonfinite: :class:`DINOLoss` option: ``"warn"`` or ``"raise"`` at once on a non-finite
             loss. Either way nothing is updated from such a step (:meth:`optimizer_step`,
             :meth:`update_teacher`); :meth:`nonfinite_report` says what was non-finite.
+        fused_head_loss: apply the head's last layer inside the loss, block by block
+            (:func:`~dino_pytorch.ops.fused_last_layer_cross_entropy`): the (V*B, K) student logits
+            never exist at once (about 0.16x the peak memory of head + loss at K = 65 536), for the
+            same loss and gradients up to rounding. Needs the :class:`DINOHead` built here.
 
     Attributes:
         student: :class:`MultiCropWrapper` (backbone features + head), trained by the optimizer.
@@ -106,18 +124,20 @@ class DINO(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         centering: Literal["centering", "sinkhorn_knopp"] = "centering",
-        momentum_teacher: float = 0.996,
-        final_momentum: float = 1.0,
+        momentum_teacher: Optional[float] = None,
+        final_momentum: Optional[float] = None,
         total_steps: Optional[int] = None,
         teacher_buffers: Literal["keep", "copy", "ema"] = "keep",
         schedules: Optional[DINOSchedules] = None,
         koleo_weight: float = 0.0,
         on_nonfinite: Literal["warn", "raise"] = "warn",
+        fused_head_loss: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("num_global_views", num_global_views)
-        if schedules is not None and not isinstance(schedules, DINOSchedules):
-            raise TypeError(f"schedules is a {type(schedules).__name__}, expected a DINOSchedules or None")
+        _check_one_momentum_source(schedules, momentum_teacher=momentum_teacher, final_momentum=final_momentum,
+                                   total_steps=total_steps)
+        self.fused_head_loss = check_bool("fused_head_loss", fused_head_loss)
         features = as_feature_extractor(backbone)
         # Input channels, to name a mismatch before the backbone's first conv fails on it.
         self.in_chans: Optional[int] = input_size[0] if input_size is not None else first_conv_channels(features)
@@ -132,8 +152,11 @@ class DINO(nn.Module):
                         nlayers=nlayers, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
         self.num_global_views = num_global_views
         self.student = MultiCropWrapper(features, head)
-        self.teacher = EMATeacher(self.student, momentum=momentum_teacher, final_momentum=final_momentum,
-                                  total_steps=total_steps, buffers=teacher_buffers)
+        self.teacher = EMATeacher(
+            self.student, momentum=0.996 if momentum_teacher is None else momentum_teacher,
+            final_momentum=1.0 if final_momentum is None else final_momentum, total_steps=total_steps,
+            buffers=teacher_buffers,
+        )
         self.criterion = DINOLoss(
             out_dim,
             warmup_teacher_temp=teacher_temp if warmup_teacher_temp is None else warmup_teacher_temp,
@@ -196,18 +219,19 @@ class DINO(nn.Module):
                     f"backbone with in_chans={v.shape[1]}"
                 )
         teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
-        student_out, features = self._student_forward(list(views), return_backbone_feats=True)
         # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.
         self._last_teacher = (teacher_out.detach(), teacher_temp if teacher_temp is not None
                               else self.criterion.teacher_temp_at(epoch))
-        # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
-        # Nothing reads the head's output after the loss: on the CPU the loss writes its gradient
-        # over it (one pass over the logits instead of three, no gradient buffer).
-        fresh = student_out.requires_grad and not student_out.is_leaf and student_out._base is None
-        loss = self.criterion(
-            student_out, teacher_out, epoch, teacher_temp=teacher_temp, num_teacher_views=self.num_global_views,
-            overwrite_logits=fresh,
-        )
+        if self.fused_head_loss:
+            bottleneck, features = self._student_forward(list(views), return_backbone_feats=True, bottleneck=True)
+            v, g = cast(DINOHead, self.student.head).last_layer_weights()
+            loss = self.criterion.forward_fused_head(bottleneck, v, g, teacher_out, epoch, teacher_temp=teacher_temp,
+                                                     num_teacher_views=self.num_global_views)
+        else:
+            student_out, features = self._student_forward(list(views), return_backbone_feats=True)
+            # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
+            loss = self.criterion(student_out, teacher_out, epoch, teacher_temp=teacher_temp,
+                                  num_teacher_views=self.num_global_views)
         if self.koleo_weight > 0:
             # As DINOv2: on each global view's student backbone features separately, averaged (both
             # views in one set would make each image's neighbour its own other view).

@@ -9,7 +9,6 @@ from typing import Any, Literal, Optional, Union, cast
 import torch
 from torch import Tensor, nn
 
-from .ops import ema_lerp
 from .schedules import cosine_value
 from .validate import check_choice, check_optional_positive_int, check_probability
 
@@ -38,13 +37,8 @@ class _Plan:
         self.student = student
         self.tensors = [t for pair in params + buffers for t in pair]
         self.key = self._key()
-        # (teacher list, student list, compiled graph key) per device and dtype; detached aliases, so that a
-        # compiled kernel sees the same inputs whatever the parameters' requires_grad (the key
-        # above catches a parameter whose storage is replaced).
-        self.groups = []
-        for teachers, students in _grouped(params).values():
-            teachers, students = [t.detach() for t in teachers], [s.detach() for s in students]
-            self.groups.append((teachers, students, ema_lerp.graph_key(teachers, students)))
+        # (teacher list, student list) per device and dtype: one foreach call each.
+        self.groups = list(_grouped(params).values())
         self.buffers = buffers
 
     def _key(self) -> tuple[list[Any], ...]:
@@ -74,8 +68,7 @@ class EMATeacher(nn.Module):
     """A frozen deep copy of ``student`` at ``.module``, updated by ``t <- m t + (1 - m) s``.
 
     ``parameters()`` are the teacher's, none requiring grad. :meth:`update` does the EMA of all
-    parameters in one pass per (device, dtype) group: one ``torch._foreach_lerp_``, or for a large
-    CPU group one compiled kernel (:mod:`dino_pytorch.ops.ema_lerp`). Without an explicit
+    parameters in one pass per (device, dtype) group: one ``torch._foreach_lerp_``. Without an explicit
     momentum it follows the official per-step cosine schedule from ``momentum`` to
     ``final_momentum`` over ``total_steps`` (constant ``momentum`` when ``total_steps`` is None).
 
@@ -171,11 +164,14 @@ class EMATeacher(nn.Module):
         weight: Union[float, Tensor] = 1.0 - m
         if skip is not None:
             weight = (1.0 - m) * (~skip.detach()).to(torch.float32)  # 0 on a skipped step
-        for teacher_list, student_list, key in plan.groups:
+        for teacher_list, student_list in plan.groups:
             # lerp(t, s, 1-m) = t + (1-m)(s - t): one read of each tensor, no temporaries. A student
             # in another dtype (e.g. bf16) still updates a float32 teacher.
             w = weight.to(teacher_list[0].device) if isinstance(weight, Tensor) else weight
-            ema_lerp.ema_lerp_(teacher_list, student_list, w, key)
+            if any(s.dtype != t.dtype for t, s in zip(teacher_list, student_list)):
+                student_list = [s.to(t.dtype) for t, s in zip(teacher_list, student_list)]
+            # A 0-dim tensor weight is accepted at runtime (tests/test_teacher.py); the stubs say Scalar.
+            torch._foreach_lerp_(teacher_list, student_list, w)  # type: ignore[arg-type]
         if self.buffers_mode != "keep":
             for t, s in plan.buffers:
                 if self.buffers_mode == "ema" and t.is_floating_point():

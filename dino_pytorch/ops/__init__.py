@@ -1,31 +1,42 @@
-"""Numerical kernels of the DINO loss, each with a pure-PyTorch reference.
+"""The numerical core of the DINO and iBOT losses: one cross-entropy over two engines.
 
-This package is the one place where a fast path is chosen (:mod:`.dispatch`); callers
-(``DINOLoss``) never pick one. Set ``DINO_PYTORCH_DISABLE_TRITON=1`` to force the PyTorch path.
+An engine (:mod:`.engine`) is the eager PyTorch one (every device, the reference) or the Triton one
+(CUDA); :func:`engine_for` is the one place that chooses, and ``DINO_PYTORCH_ENGINE=eager|triton``
+forces a choice (a test hook). Callers never pick.
 """
-from .cross_entropy import multiview_cross_entropy_reference, other_view_targets
-from .dispatch import (
+from .centering import centered_teacher_softmax, teacher_column_sum
+from .cross_entropy import (
+    CrossEntropyFunction,
     RowStats,
-    backend_for,
-    centered_teacher_softmax,
+    cross_entropy,
     multiview_cross_entropy,
-    teacher_column_sum,
+    multiview_cross_entropy_reference,
+    other_view_targets,
+    row_entropy,
+    weighted_cross_entropy,
 )
-from .fused_cross_entropy import MultiviewCrossEntropy, MultiviewCrossEntropyStats
+from .eager import EagerEngine
+from .engine import ENGINE_ENV, CrossEntropyEngine, engine_for
 from .fused_head_loss import FusedLastLayerCrossEntropy, fused_last_layer_cross_entropy
-from .teacher_targets import sinkhorn_knopp
+from .views import ViewLayout, split_views
 
 __all__ = [
+    "ENGINE_ENV",
+    "CrossEntropyEngine",
+    "CrossEntropyFunction",
+    "EagerEngine",
     "FusedLastLayerCrossEntropy",
-    "MultiviewCrossEntropy",
-    "MultiviewCrossEntropyStats",
     "RowStats",
-    "backend_for",
+    "ViewLayout",
     "centered_teacher_softmax",
+    "cross_entropy",
+    "engine_for",
     "fused_last_layer_cross_entropy",
     "multiview_cross_entropy",
     "multiview_cross_entropy_reference",
     "other_view_targets",
-    "sinkhorn_knopp",
+    "row_entropy",
+    "split_views",
     "teacher_column_sum",
+    "weighted_cross_entropy",
 ]

@@ -3,18 +3,18 @@
 The last layer is weight-normalised and bias-free, ``W = g * v / ||v||`` row-wise, so its logits are
 a per-prototype scale of one matrix product, ``S = (x @ v.T) * s`` with ``s = g / ||v||`` (K,): no
 normalised copy of the (K, D) weight is made. For a block of batch rows (those rows of every view),
-forward makes the block's logits, its row cross-entropies and logit gradient (one kernel of the
-closed form of :mod:`.closed_form`, writing the gradient over the logits), and from it the
-gradients of the features and of the weight:
+forward makes the block's logits, their row cross-entropies and gradient (the engine of
+:mod:`.engine`: the cross-entropy's own forward and backward), and from them the gradients of the
+features and of the weight:
 
     dS = (|Q| softmax(S / tau) - Q) / (tau * B * n_pairs)
     dx = (dS * s) @ v                dW += dS.T @ x        (dW: the gradient of W, (K, D))
 
 then drops the block. After the last block the weight-norm backward turns ``dW`` into
 ``dv = s * (dW - (u . dW) u)`` and ``dg = u . dW`` with ``u = v / ||v||`` (in place, no (K, D)
-temporary). Backward only scales by the incoming gradient (skipped when it is 1 on the CPU).
+temporary). Backward only scales by the incoming gradient.
 
-Memory: one block of logits (V * ``chunk_rows`` x K, float32) and the kernel's per-row scratch
+Memory: one block of logits and its gradient (V * ``chunk_rows`` x K, float32 each)
 instead of the (V*B, K) logits, their gradient and the normalised weight with its gradient. Time:
 the same three matrix products as the unfused path, but on blocks, and the weight and its gradient
 are read once per block: blocks are 32 MiB of logits by default (128 rows at K = 65 536), not the
@@ -27,8 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import closed_form
-from .dispatch import RowStats, compile_worthwhile
+from .cross_entropy import RowStats, row_entropy
+from .engine import CrossEntropyEngine, engine_for
 
 # Bytes of float32 logits per block (128 rows at K = 65 536: 12 batch rows of 10 views): matrix
 # products of 128 rows ran within ~18 % of one product over all 640 rows, 64 rows 45 % slower.
@@ -40,19 +40,12 @@ def _block_rows(num_views: int, k: int, chunk_rows: Optional[int]) -> int:
 
 
 def _block_loss_and_grad(
-    s: Tensor, teacher: Tensor, mask: Tensor, coef: Tensor, student_temp: float, compile_it: bool
-) -> tuple[Tensor, Tensor]:
-    """Row cross-entropies (V, rows) and log-sum-exp (V, rows) of a block of logits ``s`` (V, rows, K),
-    float32, overwriting ``s`` with ``dS = (|Q| softmax(s / tau) - Q) * coef``.
-
-    teacher: (T, rows, K) the block's teacher rows; mask: the (V, T) view mask.
-    The closed form of :mod:`.closed_form`: one compiled kernel per block, or its eager twin.
-    """
-    if compile_it:
-        ce, _, lse = closed_form.compiled_loss_and_grad(s, teacher, mask, coef, student_temp, False)
-    else:
-        ce, _, lse = closed_form.eager_loss_and_grad(s, teacher, mask, coef, student_temp, False)
-    return ce, lse
+    engine: CrossEntropyEngine, s: Tensor, teacher: Tensor, coef: Tensor, student_temp: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row cross-entropies (V*rows,), log-sum-exp (V*rows,) and ``dS = (|Q| softmax(s / tau) - Q) * coef``
+    of a block of logits ``s`` (V*rows, K), crop-major over the block's rows; teacher (T, rows, K)."""
+    ce, stats = engine.forward(s, teacher, student_temp, True)
+    return ce, engine.row_lse(s, stats, student_temp), engine.backward(coef, s, teacher, stats, student_temp, True)
 
 
 class FusedLastLayerCrossEntropy(torch.autograd.Function):
@@ -76,30 +69,28 @@ class FusedLastLayerCrossEntropy(torch.autograd.Function):
         scale = g.view(-1) / norm  # s_k = g_k / ||v_k||: W = s * v row-wise
         normaliser = batch * num_teacher * (num_views - 1)
         coef = torch.full((), 1.0 / (student_temp * normaliser), device=x.device)
-        mask = closed_form.view_mask(num_views, num_teacher, x.device)
-        compile_it = compile_worthwhile(x, numel=x.shape[0] * k)  # the rule for the logits it stands for
+        engine = engine_for(x)
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(v) if (need_v or need_g) else None
-        ce = x.new_empty(x.shape[0])
-        lse = x.new_empty(x.shape[0])
+        ce = x.new_empty(num_views, batch)
+        lse = x.new_empty(num_views, batch)
         rows = _block_rows(num_views, k, chunk_rows)
         views_x = x.view(num_views, batch, -1)
         views_grad_x = grad_x.view(num_views, batch, -1) if grad_x is not None else None
-        views_ce, views_lse = ce.view(num_views, batch), lse.view(num_views, batch)
         for b0 in range(0, batch, rows):
             b1 = min(b0 + rows, batch)
-            # Rows b0:b1 of every view: V * rows logits, so the kernel has V rows of work per thread count
-            # and the matrix products stay large enough to run near full speed.
+            # Rows b0:b1 of every view: V * rows logits, so the matrix products stay large enough to
+            # run near full speed.
             xb = views_x[:, b0:b1].reshape(-1, x.shape[1])
             s = torch.mm(xb, v.t()).mul_(scale)  # (V * rows, K): this block's logits
-            views_ce[:, b0:b1], views_lse[:, b0:b1] = _block_loss_and_grad(
-                s.view(num_views, b1 - b0, k), teacher[:, b0:b1], mask, coef, student_temp, compile_it
-            )
-            if grad_w is not None:
-                grad_w.addmm_(s.t(), xb)  # dW += dS.T @ x
-            if views_grad_x is not None:
-                views_grad_x[:, b0:b1] = torch.mm(s.mul_(scale), v).view(num_views, b1 - b0, -1)  # dx = (dS s) @ v
+            block_ce, block_lse, ds = _block_loss_and_grad(engine, s, teacher[:, b0:b1], coef, student_temp)
             del s
+            ce[:, b0:b1], lse[:, b0:b1] = block_ce.view(num_views, -1), block_lse.view(num_views, -1)
+            if grad_w is not None:
+                grad_w.addmm_(ds.t(), xb)  # dW += dS.T @ x
+            if views_grad_x is not None:
+                views_grad_x[:, b0:b1] = torch.mm(ds.mul_(scale), v).view(num_views, b1 - b0, -1)  # dx = (dS s) @ v
+            del ds
         grad_v = grad_g = None
         if grad_w is not None:
             # Weight-norm backward, in place on dW: dg = u . dW, dv = s * (dW - (u . dW) u).
@@ -109,7 +100,8 @@ class FusedLastLayerCrossEntropy(torch.autograd.Function):
             if need_v:
                 grad_w.addcmul_(v, (dot / norm).view(-1, 1), value=-1.0).mul_(scale.view(-1, 1))
                 grad_v = grad_w.to(weight_v.dtype)
-        entropy = -torch.special.xlogy(teacher, teacher).sum(dim=-1).flatten()
+        entropy = row_entropy(teacher).flatten()
+        lse = lse.flatten()
         ctx.save_for_backward(grad_x, grad_v, grad_g)
         ctx.mark_non_differentiable(lse, entropy)
         return ce.sum() / normaliser, lse, entropy
@@ -119,9 +111,8 @@ class FusedLastLayerCrossEntropy(torch.autograd.Function):
         ctx: Any, grad_output: Tensor, _grad_lse: Any, _grad_entropy: Any
     ) -> tuple[Optional[Tensor], ...]:
         grads = list(ctx.saved_tensors)
-        # The loss is usually the root (gradient 1): skip three full passes then. A CPU read is free.
-        if not (grad_output.device.type == "cpu" and grad_output.item() == 1.0):
-            grads = [None if t is None else t * grad_output.to(t.dtype) for t in grads]
+        # A product with the incoming gradient, read on the device: no host sync to test for 1.
+        grads = [None if t is None else t * grad_output.to(t.dtype) for t in grads]
         return grads[0], grads[1], grads[2], None, None, None, None
 
 

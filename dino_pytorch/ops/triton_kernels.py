@@ -2,20 +2,22 @@
 
 | kernel                          | PyTorch twin                                   |
 |---------------------------------|------------------------------------------------|
-| ``centered_softmax``            | :func:`.teacher.centered_teacher_softmax`      |
-| ``cross_entropy_forward``       | :func:`.fused_cross_entropy.torch_forward`     |
-| ``cross_entropy_backward``      | :func:`.fused_cross_entropy.torch_backward`    |
-| ``column_sum``                  | ``torch.sum(x, 0, keepdim=True, dtype=float32)`` |
+| ``centered_softmax``            | :meth:`.eager.EagerEngine.centered_softmax`    |
+| ``cross_entropy_forward``       | :meth:`.eager.EagerEngine.forward`             |
+| ``cross_entropy_backward``      | :meth:`.eager.EagerEngine.backward`            |
+| ``column_sum``                  | :meth:`.eager.EagerEngine.column_sum`          |
 
 Inputs may be float32, bfloat16 or float16; every kernel accumulates in float32. One program owns
 one row and walks K in ``BLOCK_K`` tiles with an online (streaming) logsumexp, so a row is read once
 per pass whatever K. The teacher targets ``Q_s`` are summed inside the kernels from the (T, B, K)
-probabilities (predicated loads skip the student's own view) instead of being materialised per view.
+probabilities (predicated loads skip the student's own view when ``SKIP_OWN``) instead of being
+materialised per view; iBOT's one-target-per-row case is V = T = 1 without ``SKIP_OWN``.
 
 The launchers are also registered as ``torch.ops.dino_pytorch.*`` custom ops with fake (meta)
 implementations, so ``torch.compile`` treats them as opaque calls instead of breaking the graph.
 
-This module imports ``triton``: import it only where triton is importable (``dispatch`` does).
+This module imports ``triton``: import it only where triton is importable (:mod:`.engine` does,
+through :mod:`.triton_engine`; importing it is what registers the ops).
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the launchers run on CPU tensors.
 """
 # No `from __future__ import annotations`: torch.library reads the op schemas from real annotations.
@@ -41,12 +43,16 @@ def _scalar(value, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _targets_tile(p_row, stride_pt, cols, mask, s, NUM_TEACHER: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Q_s tile: sum over teacher views t != s, in view order (as the PyTorch reference). The load of
-    # the skipped view is predicated off, so it costs no memory traffic; +0.0 is exact.
+def _targets_tile(p_row, stride_pt, cols, mask, s, NUM_TEACHER: tl.constexpr, SKIP_OWN: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    # Q_s tile: sum over teacher views t (t != s when SKIP_OWN), in view order (as the eager engine).
+    # The load of the skipped view is predicated off, so it costs no memory traffic; +0.0 is exact.
     q = tl.zeros([BLOCK_K], dtype=tl.float32)
     for t in tl.static_range(NUM_TEACHER):
-        q += tl.load(p_row + t * stride_pt + cols, mask=mask & (s != t), other=0.0)
+        if SKIP_OWN:
+            q += tl.load(p_row + t * stride_pt + cols, mask=mask & (s != t), other=0.0)
+        else:
+            q += tl.load(p_row + t * stride_pt + cols, mask=mask, other=0.0)
     return q
 
 
@@ -71,6 +77,7 @@ def _cross_entropy_forward_kernel(
     stride_z, stride_pt, stride_pb,
     temp,
     NUM_TEACHER: tl.constexpr,
+    SKIP_OWN: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     s, row, z_row, p_row = _program_row(z_ptr, p_ptr, batch, num_views, stride_z, stride_pb)
@@ -83,7 +90,7 @@ def _cross_entropy_forward_kernel(
         cols = k0 + offs
         mask = cols < K
         z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) / temp
-        q = _targets_tile(p_row, stride_pt, cols, mask, s, NUM_TEACHER, BLOCK_K)
+        q = _targets_tile(p_row, stride_pt, cols, mask, s, NUM_TEACHER, SKIP_OWN, BLOCK_K)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         # Re-base the gap to the new max, then add this tile (masked lanes: z = -inf, q = 0).
@@ -105,6 +112,8 @@ def _cross_entropy_backward_kernel(
     stride_z, stride_pt, stride_pb, stride_out,
     temp,
     NUM_TEACHER: tl.constexpr,
+    SKIP_OWN: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     s, row, z_row, p_row = _program_row(z_ptr, p_ptr, batch, num_views, stride_z, stride_pb)
@@ -113,13 +122,17 @@ def _cross_entropy_backward_kernel(
     row_max = tl.load(stats_ptr + row)
     log_total = tl.load(stats_ptr + rows + row)
     mass = tl.load(stats_ptr + 2 * rows + row)
-    scale = tl.load(scale_ptr)  # g / (tau B n_pairs), read on device: no host sync
+    # g * coef / tau (times the row's weight when ROW_SCALE), read on the device: no host sync.
+    if ROW_SCALE:
+        scale = tl.load(scale_ptr + row)
+    else:
+        scale = tl.load(scale_ptr)
     offs = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs
         mask = cols < K
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32) / temp
-        q = _targets_tile(p_row, stride_pt, cols, mask, s, NUM_TEACHER, BLOCK_K)
+        q = _targets_tile(p_row, stride_pt, cols, mask, s, NUM_TEACHER, SKIP_OWN, BLOCK_K)
         # (z - m) first: exact near the max, so the softmax keeps full precision (see torch twin).
         grad = (mass * tl.exp((z - row_max) - log_total) - q) * scale
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
@@ -207,11 +220,12 @@ def column_sum(x: Tensor, block_k: Optional[int] = None) -> Tensor:
 
 
 def cross_entropy_forward(
-    student: Tensor, teacher: Tensor, student_temp: float, num_views: int, block_k: Optional[int] = None
+    student: Tensor, teacher: Tensor, student_temp: float, skip_own: bool = True, block_k: Optional[int] = None
 ) -> tuple[Tensor, Tensor]:
-    """``(ce (V*B,), stats (3, V*B))`` float32, as ``fused_cross_entropy.torch_forward``.
+    """``(ce (V*B,), stats (3, V*B))`` float32, as :meth:`.eager.EagerEngine.forward`.
 
     student: (V*B, K) crop-major logits (fp32/bf16/fp16); teacher: (T, B, K) float32 probabilities.
+    stats: row max, ``log sum exp(z - max)`` and ``|Q|`` of each row, with ``z = x / tau``.
     """
     student, teacher = _unit_stride(student), _check_teacher(teacher)
     num_teacher, batch, k = teacher.shape
@@ -221,21 +235,21 @@ def cross_entropy_forward(
     block, warps = _row_block(k, block_k)
     _cross_entropy_forward_kernel[(rows,)](
         student, teacher, ce, stats,
-        batch, num_views, k,
+        batch, rows // batch, k,
         student.stride(0), teacher.stride(0), teacher.stride(1),
         float(student_temp),
-        NUM_TEACHER=num_teacher, BLOCK_K=block, num_warps=warps,
+        NUM_TEACHER=num_teacher, SKIP_OWN=skip_own, BLOCK_K=block, num_warps=warps,
     )
     return ce, stats
 
 
-def cross_entropy_backward(  # the arguments of the PyTorch twin, fused_cross_entropy.torch_backward
-    scale: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, student_temp: float, num_views: int,
+def cross_entropy_backward(
+    scale: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, student_temp: float, skip_own: bool = True,
     block_k: Optional[int] = None,
 ) -> Tensor:
     """``(mass * softmax(z / tau) - Q) * scale`` per row, (V*B, K) in the student's dtype.
 
-    scale: 0-dim (or 1-element) float32 tensor on the device; stats: (3, V*B) float32 from the forward.
+    scale: 0-dim, or (V*B,) per row, float32 on the device; stats: (3, V*B) float32 from the forward.
     """
     student, teacher = _unit_stride(student), _check_teacher(teacher)
     num_teacher, batch, k = teacher.shape
@@ -243,36 +257,36 @@ def cross_entropy_backward(  # the arguments of the PyTorch twin, fused_cross_en
     out = torch.empty((rows, k), dtype=student.dtype, device=student.device)
     block, warps = _row_block(k, block_k)
     _cross_entropy_backward_kernel[(rows,)](
-        student, teacher, stats.contiguous(), scale.float().reshape(1), out,
-        batch, num_views, k,
+        student, teacher, stats.contiguous(), scale.float().reshape(-1).contiguous(), out,
+        batch, rows // batch, k,
         student.stride(0), teacher.stride(0), teacher.stride(1), out.stride(0),
         float(student_temp),
-        NUM_TEACHER=num_teacher, BLOCK_K=block, num_warps=warps,
+        NUM_TEACHER=num_teacher, SKIP_OWN=skip_own, ROW_SCALE=scale.ndim > 0, BLOCK_K=block, num_warps=warps,
     )
     return out
 
 
 # -- torch.library ops: opaque to torch.compile ----------------------------------------------------
 @torch.library.custom_op("dino_pytorch::mvce_forward", mutates_args=())
-def _mvce_forward_op(student: Tensor, teacher: Tensor, student_temp: float, num_views: int) -> tuple[Tensor, Tensor]:
-    return cross_entropy_forward(student, teacher, student_temp, num_views)
+def _mvce_forward_op(student: Tensor, teacher: Tensor, student_temp: float, skip_own: bool) -> tuple[Tensor, Tensor]:
+    return cross_entropy_forward(student, teacher, student_temp, skip_own)
 
 
 @_mvce_forward_op.register_fake
-def _(student: Tensor, teacher: Tensor, student_temp: float, num_views: int) -> tuple[Tensor, Tensor]:
+def _(student: Tensor, teacher: Tensor, student_temp: float, skip_own: bool) -> tuple[Tensor, Tensor]:
     rows = student.shape[0]
     return student.new_empty((rows,), dtype=torch.float32), student.new_empty((3, rows), dtype=torch.float32)
 
 
 @torch.library.custom_op("dino_pytorch::mvce_backward", mutates_args=())
 def _mvce_backward_op(
-    scale: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, student_temp: float, num_views: int
+    scale: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, student_temp: float, skip_own: bool
 ) -> Tensor:
-    return cross_entropy_backward(scale, student, teacher, stats, student_temp, num_views)
+    return cross_entropy_backward(scale, student, teacher, stats, student_temp, skip_own)
 
 
 @_mvce_backward_op.register_fake
-def _(scale: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, student_temp: float, num_views: int) -> Tensor:
+def _(scale: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, student_temp: float, skip_own: bool) -> Tensor:
     return student.new_empty(student.shape)
 
 

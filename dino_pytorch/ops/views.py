@@ -1,13 +1,21 @@
-"""Layouts of multi-view tensors, normalised to what the fused cross-entropy consumes.
+"""The one reading of multi-view inputs, shared by ``DINOLoss`` and :func:`.multiview_cross_entropy`.
 
-Accepted: a crop-major ``(V*B, K)`` tensor (what ``MultiCropWrapper`` returns), a ``(V, B, K)``
-tensor, or a list of ``V`` tensors ``(B, K)``. Lists are stacked, which copies; tensors are only
-viewed, so the student logits the head's backward keeps alive are the very tensor the loss saves.
+Accepted for both the student logits and the teacher input: a crop-major ``(views*B, K)`` tensor
+(what ``MultiCropWrapper`` returns: rows ``[vB:(v+1)B]`` are view v), a ``(views, B, K)`` tensor,
+or a list of ``views`` tensors ``(B, K)``. Tensors are only viewed (the student logits the head's
+backward keeps alive are the very tensor the loss saves); lists are stacked, which copies.
+
+The batch size B is read from the first of these that exists, so every layout has one answer:
+
+1. ``batch_size`` given;
+2. a ``(views, B, K)`` tensor or a list (student first);
+3. ``num_student_views`` (student rows / V), then ``num_teacher_views`` (teacher rows / T);
+4. both concatenated and nothing else given: the official layout, two teacher views.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -15,61 +23,133 @@ from torch import Tensor
 MultiView = Union[Tensor, Sequence[Tensor]]
 
 
-def _as_tensor(name: str, x: MultiView) -> Tensor:
+class ViewLayout(NamedTuple):
+    """Student and teacher inputs, normalised.
+
+    student: (V, B, K) view of the student logits (a stack for a list).
+    teacher: (T, B, K) view of the teacher input (a stack for a list).
+    """
+
+    student: Tensor
+    teacher: Tensor
+
+    @property
+    def num_views(self) -> int:
+        return self.student.shape[0]
+
+    @property
+    def num_teacher(self) -> int:
+        return self.teacher.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.student.shape[1]
+
+
+def _batch_of(name: str, x: MultiView) -> Optional[int]:
+    """B when ``x`` carries it (a 3-D tensor or a list), else None; rejects what no rule accepts."""
     if isinstance(x, Tensor):
         if x.ndim not in (2, 3):
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected (views*B, K), (views, B, K) or a list")
-        return x
-    if isinstance(x, (list, tuple)) and x and all(isinstance(v, Tensor) and v.ndim == 2 for v in x):
-        return torch.stack(list(x))
-    raise TypeError(f"{name} must be a (views*B, K) or (views, B, K) tensor or a non-empty list of (B, K) tensors")
+        return x.shape[1] if x.ndim == 3 else None
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError(f"{name} is an empty list, expected (B, K) tensors")
+        if not all(isinstance(v, Tensor) for v in x):
+            types = sorted({type(v).__name__ for v in x})
+            raise TypeError(f"{name} is a list holding {types}, expected a list of (B, K) tensors")
+        for i, v in enumerate(x):
+            if v.ndim != 2:
+                raise ValueError(f"{name} view {i} has shape {tuple(v.shape)}, expected (B, K)")
+        sizes = [v.shape[0] for v in x]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"{name} views have mismatched batch sizes {sizes}; expected one batch size B")
+        return sizes[0]
+    raise TypeError(f"{name} is a {type(x).__name__}, expected a Tensor or a list of Tensors")
+
+
+def _rows_per_view(name: str, x: MultiView, views: Optional[int]) -> Optional[int]:
+    if views is None or not isinstance(x, Tensor) or x.ndim != 2:
+        return None
+    if x.shape[0] % views != 0:
+        raise ValueError(f"{name} has {x.shape[0]} rows, which do not split into {views} views; "
+                         "expected crop-major (views*B, K) rows")
+    return x.shape[0] // views
+
+
+def _as_views(name: str, x: MultiView, batch: int) -> Tensor:
+    """(views, B, K) of ``x``."""
+    if isinstance(x, Tensor):
+        if x.ndim == 3:
+            return x
+        if batch == 0 or x.shape[0] % batch != 0:
+            raise ValueError(f"{name} has {x.shape[0]} rows, which do not split into views of batch size {batch}; "
+                             "expected crop-major (views*B, K) rows with B >= 1")
+        return x.unflatten(0, (x.shape[0] // batch, batch))
+    return torch.stack(list(x))
 
 
 def split_views(
-    student: MultiView, teacher_probs: MultiView, batch_size: Optional[int] = None
-) -> tuple[Tensor, Tensor, int]:
-    """Normalise the layouts.
+    student: MultiView,
+    teacher: MultiView,
+    *,
+    num_student_views: Optional[int] = None,
+    num_teacher_views: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    out_dim: Optional[int] = None,
+    names: tuple[str, str] = ("student", "teacher"),
+) -> ViewLayout:
+    """Normalise the layouts of student logits and teacher input (see the module docstring).
 
     Args:
         student: (V*B, K), (V, B, K) or V x (B, K) student logits.
-        teacher_probs: (T*B, K), (T, B, K) or T x (B, K) teacher probabilities, T <= V.
-        batch_size: B; needed only when both inputs are 2-D (nothing else tells B apart).
+        teacher: (T*B, K), (T, B, K) or T x (B, K) teacher logits or probabilities, T <= V; teacher
+            view i is the same image view as student view i.
+        num_student_views: V, checked (and used to find B) when given.
+        num_teacher_views: T, checked (and used to find B) when given.
+        batch_size: B, when the caller knows it.
+        out_dim: K, checked when given.
+        names: the argument names the error messages use.
 
     Returns:
-        ``(student_rows, teacher, num_views)``: student as a (V*B, K) view (crop-major rows),
-        the teacher as (T, B, K), and V.
+        :class:`ViewLayout` with student (V, B, K) and teacher (T, B, K).
     """
-    s = _as_tensor("student", student)
-    t = _as_tensor("teacher_probs", teacher_probs)
-    if batch_size is None:
-        if s.ndim == 3:
-            batch_size = s.shape[1]
-        elif t.ndim == 3:
-            batch_size = t.shape[1]
-        else:
-            raise ValueError("student and teacher_probs are both 2-D: pass batch_size= to split the views")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}, expected >= 1")
-    if s.ndim == 2:
-        if s.shape[0] % batch_size != 0:
-            raise ValueError(f"student has {s.shape[0]} rows, which do not split into views of batch size {batch_size}")
-        s = s.unflatten(0, (s.shape[0] // batch_size, batch_size))
-    if t.ndim == 2:
-        if t.shape[0] % batch_size != 0:
-            raise ValueError(
-                f"teacher_probs has {t.shape[0]} rows, which do not split into views of batch size {batch_size}"
-            )
-        t = t.unflatten(0, (t.shape[0] // batch_size, batch_size))
-    num_views, num_teacher = s.shape[0], t.shape[0]
-    if s.shape[1:] != t.shape[1:] or s.shape[1] != batch_size:
-        raise ValueError(
-            f"student views {tuple(s.shape[1:])} and teacher views {tuple(t.shape[1:])} differ; "
-            f"expected (B={batch_size}, K) for both"
-        )
-    if num_views < 2 or not 1 <= num_teacher <= num_views:
-        raise ValueError(
-            f"got V={num_views} student and T={num_teacher} teacher views; expected V >= 2 and 1 <= T <= V"
-        )
-    if not s.is_floating_point() or not t.is_floating_point():
-        raise TypeError(f"expected floating tensors, got student {s.dtype} and teacher_probs {t.dtype}")
-    return s.flatten(0, 1), t, num_views
+    s_name, t_name = names
+    found = [_batch_of(s_name, student), _batch_of(t_name, teacher)]  # both checked, whatever decides
+    batch = next((b for b in [batch_size, *found] if b is not None), None)
+    if batch is None:
+        batch = (_rows_per_view(s_name, student, num_student_views)
+                 or _rows_per_view(t_name, teacher, num_teacher_views)
+                 or _rows_per_view(t_name, teacher, 2))
+    if batch is None:  # unreachable: a teacher that is not a 2-D tensor gave B above
+        raise ValueError(f"{s_name} and {t_name} give no batch size")
+    s, t = _as_views(s_name, student, batch), _as_views(t_name, teacher, batch)
+    _check_layout(s, t, num_student_views, num_teacher_views, out_dim, names)
+    return ViewLayout(s, t)
+
+
+def _check_layout(
+    s: Tensor, t: Tensor, num_student_views: Optional[int], num_teacher_views: Optional[int],
+    out_dim: Optional[int], names: tuple[str, str],
+) -> None:
+    s_name, t_name = names
+    for name, x in ((s_name, s), (t_name, t)):
+        if out_dim is not None and x.shape[-1] != out_dim:
+            raise ValueError(f"{name} has {x.shape[-1]} columns, expected out_dim={out_dim}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} has dtype {x.dtype}, expected a floating dtype")
+    if s.shape[1:] != t.shape[1:]:
+        raise ValueError(f"{s_name} views {tuple(s.shape[1:])} and {t_name} views {tuple(t.shape[1:])} differ: "
+                         "mismatched batch size or K; expected (B, K) for both")
+    if s.shape[1] == 0:
+        raise ValueError(f"{s_name} has 0 rows per view (batch size 0), expected B >= 1 (a mean over no rows is NaN)")
+    if num_student_views is not None and s.shape[0] != num_student_views:
+        raise ValueError(f"{s_name} has {s.shape[0]} views, expected ncrops={num_student_views}")
+    if num_teacher_views is not None and t.shape[0] != num_teacher_views:
+        raise ValueError(f"{t_name} has {t.shape[0]} views, expected num_teacher_views={num_teacher_views}")
+    if s.shape[0] < 2:
+        raise ValueError(f"{s_name} has {s.shape[0]} view(s) in total, expected at least 2: "
+                         "DINO compares different views of an image")
+    if t.shape[0] > s.shape[0]:
+        raise ValueError(f"{t_name} has {t.shape[0]} views but {s_name} only {s.shape[0]}; "
+                         "expected the teacher views to be the first student views")

@@ -6,14 +6,22 @@ import torch
 
 from dino_pytorch import DINOLoss
 from dino_pytorch.ops import (
-    MultiviewCrossEntropy,
-    backend_for,
+    EagerEngine,
     centered_teacher_softmax,
-    dispatch,
+    cross_entropy,
+    engine,
+    engine_for,
     multiview_cross_entropy_reference,
     teacher_column_sum,
-    teacher_targets,
 )
+
+EAGER = EagerEngine()
+
+
+def mvce(student, probs, engine_obj):
+    teachers, batch = probs.shape[:2]
+    views = student.shape[0] // batch
+    return cross_entropy(student, probs, 0.1, 1.0 / (batch * teachers * (views - 1)), engine=engine_obj)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -34,8 +42,8 @@ def make(views, teachers, batch, k, dtype, seed=0):
 def test_triton_engine_matches_torch_engine(views, teachers, batch, k, dtype):
     student, probs = make(views, teachers, batch, k, dtype)
     a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-    la = MultiviewCrossEntropy.apply(a, probs, 0.1, views, None, "triton")
-    lb = MultiviewCrossEntropy.apply(b, probs, 0.1, views, None, "torch")
+    la = mvce(a, probs, engine.triton_engine())
+    lb = mvce(b, probs, EAGER)
     la.backward()
     lb.backward()
     assert rel(la, lb) <= 1e-5
@@ -45,7 +53,7 @@ def test_triton_engine_matches_torch_engine(views, teachers, batch, k, dtype):
 def test_triton_matches_reference_in_float32():
     student, probs = make(10, 2, 16, 65536, torch.float32, seed=1)
     a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-    la = MultiviewCrossEntropy.apply(a, probs, 0.1, 10, None, "triton")
+    la = mvce(a, probs, engine.triton_engine())
     lb = multiview_cross_entropy_reference(list(b.chunk(10)), list(probs), 0.1)
     la.backward()
     lb.backward()
@@ -55,9 +63,8 @@ def test_triton_matches_reference_in_float32():
 
 def test_log_k_on_gpu():
     k = 65536
-    loss = MultiviewCrossEntropy.apply(
-        torch.zeros(20, k, device="cuda"), torch.full((2, 2, k), 1.0 / k, device="cuda"), 0.1, 10, None, "triton"
-    )
+    zeros, uniform = torch.zeros(20, k, device="cuda"), torch.full((2, 2, k), 1.0 / k, device="cuda")
+    loss = mvce(zeros, uniform, engine.triton_engine())
     assert abs(loss.item() - math.log(k)) / math.log(k) <= 1e-6
 
 
@@ -66,8 +73,8 @@ def test_teacher_kernels(dtype):
     g = torch.Generator(device="cuda").manual_seed(2)
     t = torch.randn(128, 65536, generator=g, device="cuda").to(dtype)
     center = torch.randn(1, 65536, generator=g, device="cuda") * 0.3
-    assert backend_for(t) == "triton"
-    ref = teacher_targets.centered_teacher_softmax(t, center, 0.04)
+    assert engine_for(t).name == "triton"
+    ref = EAGER.centered_softmax(t, center, 0.04)
     assert rel(centered_teacher_softmax(t, center, 0.04), ref) <= TOL[dtype]
     assert rel(teacher_column_sum(t), t.double().sum(0, keepdim=True)) <= 1e-5
 
@@ -86,9 +93,9 @@ def test_dino_loss_on_gpu_matches_cpu():
     assert rel(gpu.center.cpu(), cpu.center) <= 1e-5
 
 
-def test_disable_env_forces_torch(monkeypatch):
-    monkeypatch.setenv(dispatch.DISABLE_ENV, "1")
-    assert backend_for(torch.zeros(1, device="cuda")) == "torch"
+def test_engine_env_forces_eager(monkeypatch):
+    monkeypatch.setenv(engine.ENGINE_ENV, "eager")
+    assert engine_for(torch.zeros(1, device="cuda")).name == "eager"
 
 
 def test_dino_loss_compiles_with_triton_ops():

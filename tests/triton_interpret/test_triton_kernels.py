@@ -14,10 +14,10 @@ if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton
     # Collected only through tests/test_triton_interpret.py, which sets the variable: fail loudly.
     raise ImportError("tests/triton_interpret needs triton and TRITON_INTERPRET=1 set before triton is imported")
 
-from dino_pytorch.ops import MultiviewCrossEntropy  # noqa: E402
 from dino_pytorch.ops import triton_kernels as tk  # noqa: E402
-from dino_pytorch.ops.fused_cross_entropy import torch_backward, torch_forward  # noqa: E402
-from dino_pytorch.ops.teacher_targets import centered_teacher_softmax  # noqa: E402
+from dino_pytorch.ops.eager import EagerEngine  # noqa: E402
+
+EAGER = EagerEngine()
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SHAPES = [  # (V, T, B, K, block_k): several K tiles with a ragged last one, a single tile, T=1, T=V
@@ -42,8 +42,8 @@ def make(views, teachers, batch, k, dtype, seed=0):
 @pytest.mark.parametrize("views, teachers, batch, k, block", SHAPES)
 def test_cross_entropy_forward(views, teachers, batch, k, block, dtype):
     student, probs = make(views, teachers, batch, k, dtype)
-    ce, stats = tk.cross_entropy_forward(student, probs, 0.1, views, block_k=block)
-    ce_ref, mass_ref = torch_forward(student, probs, 0.1, views)  # twin reads the same rounded logits
+    ce, stats = tk.cross_entropy_forward(student, probs, 0.1, block_k=block)
+    ce_ref, mass_ref = EAGER.forward(student, probs, 0.1, True)  # the twin reads the same rounded logits
     assert ce.dtype == stats.dtype == torch.float32 and stats.shape == (3, views * batch)
     assert rel(ce, ce_ref) <= TOL[dtype]
     # The kernel's own statistics: row max and log-sum-exp relative to it, of z = x / tau.
@@ -51,18 +51,19 @@ def test_cross_entropy_forward(views, teachers, batch, k, block, dtype):
     row_max = z.amax(dim=-1)
     assert rel(stats[0], row_max) <= TOL[dtype]
     assert rel(stats[1], torch.logsumexp(z - row_max[:, None], dim=-1)) <= TOL[dtype]
-    assert rel(stats[2], mass_ref[0]) <= TOL[dtype]
+    assert rel(stats[2], mass_ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("views, teachers, batch, k, block", SHAPES)
-def test_cross_entropy_backward(views, teachers, batch, k, block, dtype):
+def test_cross_entropy_backward(views, teachers, batch, k, block, dtype, per_row):
     student, probs = make(views, teachers, batch, k, dtype, seed=1)
-    _, stats = tk.cross_entropy_forward(student, probs, 0.1, views)
-    _, mass = torch_forward(student, probs, 0.1, views)
-    scale = torch.tensor(0.37)
-    grad = tk.cross_entropy_backward(scale, student, probs, stats, 0.1, views, block_k=block)
-    grad_ref = torch_backward(scale, student, probs, mass, 0.1, views)
+    _, stats = tk.cross_entropy_forward(student, probs, 0.1)
+    _, mass = EAGER.forward(student, probs, 0.1, True)
+    scale = torch.rand(views * batch) if per_row else torch.tensor(0.37)  # per row: iBOT's weights
+    grad = tk.cross_entropy_backward(scale, student, probs, stats, 0.1, block_k=block)
+    grad_ref = EAGER.backward(scale, student, probs, mass, 0.1, True)
     assert grad.dtype == dtype and grad.shape == student.shape
     assert rel(grad, grad_ref) <= TOL[dtype]
 
@@ -75,7 +76,7 @@ def test_centered_softmax(k, block, dtype):
     center = torch.randn(1, k, generator=g) * 0.3
     out = tk.centered_softmax(logits, center, 0.04, block_k=block)
     assert out.dtype == torch.float32
-    assert rel(out, centered_teacher_softmax(logits, center, 0.04)) <= TOL[dtype]
+    assert rel(out, EAGER.centered_softmax(logits, center, 0.04)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -87,29 +88,28 @@ def test_column_sum(dtype):
     assert rel(out, torch.sum(logits, dim=0, keepdim=True, dtype=torch.float32)) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_autograd_function_with_triton_engine(dtype):
-    # The whole Function on the custom ops (what CUDA runs), against the torch engine.
-    student, probs = make(4, 2, 3, 1000, dtype, seed=4)
-    a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-    loss_triton = MultiviewCrossEntropy.apply(a, probs, 0.1, 4, None, "triton")
-    loss_torch = MultiviewCrossEntropy.apply(b, probs, 0.1, 4, None, "torch")
-    loss_triton.backward()
-    loss_torch.backward()
-    assert rel(loss_triton, loss_torch) <= 1e-5
-    assert a.grad.dtype == dtype and rel(a.grad, b.grad) <= TOL[dtype]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_target_row_per_logit_row(dtype):
+    # iBOT's form: V = T = 1 and no view skipped, so row r is paired with teacher row r alone.
+    student, probs = make(1, 1, 6, 300, dtype, seed=6)
+    ce, stats = tk.cross_entropy_forward(student, probs, 0.1, skip_own=False)
+    ce_ref, mass = EAGER.forward(student, probs, 0.1, False)
+    assert rel(ce, ce_ref) <= TOL[dtype] and rel(stats[2], mass) <= 1e-6
+    weights = torch.rand(6)
+    grad = tk.cross_entropy_backward(weights, student, probs, stats, 0.1, skip_own=False)
+    assert rel(grad, EAGER.backward(weights, student, probs, mass, 0.1, False)) <= TOL[dtype]
 
 
 def test_custom_op_fake_impls_match():
     # torch.compile on CUDA sees only the fake (meta) impls: check them against the real ones.
     student, probs = make(3, 2, 2, 200, torch.float32, seed=5)
     torch.library.opcheck(
-        torch.ops.dino_pytorch.mvce_forward, (student, probs, 0.1, 3), test_utils=("test_schema", "test_faketensor")
+        torch.ops.dino_pytorch.mvce_forward, (student, probs, 0.1, True), test_utils=("test_schema", "test_faketensor")
     )
-    _, stats = tk.cross_entropy_forward(student, probs, 0.1, 3)
+    _, stats = tk.cross_entropy_forward(student, probs, 0.1)
     torch.library.opcheck(
         torch.ops.dino_pytorch.mvce_backward,
-        (torch.tensor(0.5), student, probs, stats, 0.1, 3),
+        (torch.tensor(0.5), student, probs, stats, 0.1, True),
         test_utils=("test_schema", "test_faketensor"),
     )
     torch.library.opcheck(torch.ops.dino_pytorch.column_sum, (student,), test_utils=("test_schema", "test_faketensor"))

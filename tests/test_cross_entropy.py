@@ -1,19 +1,21 @@
-"""The fused multi-view cross-entropy (autograd Function, torch engine), its dispatch and compile."""
+"""The multi-view cross-entropy (autograd Function over the eager engine), its engine choice and compile."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dino_pytorch import DINOHead, DINOLoss
 from dino_pytorch.ops import (
-    MultiviewCrossEntropy,
-    backend_for,
+    CrossEntropyFunction,
+    EagerEngine,
     centered_teacher_softmax,
-    dispatch,
+    cross_entropy,
+    engine,
     multiview_cross_entropy,
     multiview_cross_entropy_reference,
     teacher_column_sum,
-    teacher_targets,
+    weighted_cross_entropy,
 )
 from reference import official_loss
 
@@ -58,8 +60,10 @@ SHAPES = [  # (V, T, B, K, chunk_rows)
 def test_loss_and_grad_match_reference_and_float64_loop(views, teachers, batch, k, chunk):
     student, probs = make(views, teachers, batch, k, seed=views * 100 + k)
     ours = student.clone().requires_grad_(True)
-    loss = multiview_cross_entropy(ours, probs, 0.1, chunk_rows=chunk)
+    coef = 1.0 / (batch * teachers * (views - 1))
+    loss = cross_entropy(ours, probs, 0.1, coef, engine=EagerEngine(chunk_rows=chunk))
     loss.backward()
+    assert torch.equal(loss, multiview_cross_entropy(student, probs, 0.1))  # blocks: the same rows' sums
 
     exact = student.double().requires_grad_(True)
     exact_loss = per_pair_loop_float64(exact, probs, 0.1)
@@ -114,7 +118,7 @@ def test_zero_logits_give_log_k():
 def test_half_precision_logits(dtype):
     student, probs = make(6, 2, 4, 257)
     low = student.to(dtype).requires_grad_(True)
-    loss = multiview_cross_entropy(low, probs, 0.1, chunk_rows=3)
+    loss = cross_entropy(low, probs, 0.1, 1.0 / (4 * 2 * 5), engine=EagerEngine(chunk_rows=3))
     loss.backward()
     assert loss.dtype == torch.float32 and low.grad.dtype == dtype
     # Same (rounded) logits in float32: only the gradient's final rounding to `dtype` differs.
@@ -139,12 +143,18 @@ def test_input_layouts_agree():
         (list(student.chunk(views)), list(probs), {}),
     ]:
         assert torch.equal(multiview_cross_entropy(s, t, 0.1, **kwargs), expected)
-    with pytest.raises(ValueError, match="batch_size"):
-        multiview_cross_entropy(student, flat_teacher, 0.1)
+    # Both 2-D: the official two teacher views are assumed; other T need batch_size.
+    assert torch.equal(multiview_cross_entropy(student, flat_teacher, 0.1), expected)
+    three = torch.cat([probs, probs[:1]]).flatten(0, 1)
+    with pytest.raises(ValueError, match="rows"):
+        multiview_cross_entropy(student, three, 0.1)  # read as T = 2: 9 rows do not split
+    assert torch.isfinite(multiview_cross_entropy(student, three, 0.1, batch_size=batch))
     with pytest.raises(ValueError, match="rows"):
         multiview_cross_entropy(student[:-1], probs, 0.1)
-    with pytest.raises(ValueError, match="V >= 2"):
+    with pytest.raises(ValueError, match="at least 2"):
         multiview_cross_entropy(student[:batch], probs[:1], 0.1)
+    with pytest.raises(ValueError, match="teacher_probs has 3 views but student only 2"):
+        multiview_cross_entropy(student[: 2 * batch], torch.cat([probs, probs[:1]]), 0.1)
 
 
 def test_teacher_is_a_constant_target():
@@ -161,7 +171,7 @@ def test_gradcheck_float64():
     probs = probs.double()
 
     def fn(s):
-        return MultiviewCrossEntropy.apply(s, probs, 0.1, 3, 1, "torch")
+        return CrossEntropyFunction.apply(s, probs, None, 0.1, True, 1 / 8, EagerEngine(chunk_rows=1), False)[0]
 
     assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -203,35 +213,48 @@ def test_saves_no_log_probability_tensor(dtype):
     assert any(t.dtype == dtype and t.untyped_storage().data_ptr() == ptr for t in saved)
 
 
-def test_dispatch_decision(monkeypatch):
-    monkeypatch.delenv(dispatch.DISABLE_ENV, raising=False)
-    assert backend_for(torch.zeros(2)) == "torch"
-    assert backend_for("cpu") == "torch"
-    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
-    assert backend_for(torch.device("cuda")) == "triton"
-    assert backend_for(torch.device("cuda"), torch.bfloat16) == "triton"
-    assert backend_for(torch.device("cuda", 1), torch.float16) == "triton"
-    assert backend_for(torch.device("cuda"), torch.float64) == "torch"
-    monkeypatch.setenv(dispatch.DISABLE_ENV, "1")
-    assert backend_for(torch.device("cuda")) == "torch"
-    monkeypatch.setenv(dispatch.DISABLE_ENV, "0")
-    assert backend_for(torch.device("cuda")) == "triton"
-    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
-    assert backend_for(torch.device("cuda")) == "torch"
+def fake(device, dtype=torch.float32):
+    """What engine_for reads of a tensor: a CUDA tensor cannot be made on a machine without one."""
+    return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
 
-def test_cpu_tensors_take_the_torch_engine(monkeypatch):
+def test_engine_choice(monkeypatch):
+    monkeypatch.delenv(engine.ENGINE_ENV, raising=False)
+    assert engine.engine_for(torch.zeros(2)).name == "eager"
+    monkeypatch.setattr(engine, "triton_importable", lambda: True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert engine.engine_for(fake("cuda", dtype)).name == "triton"
+    assert engine.engine_for(fake("cuda:1")).name == "triton"
+    assert engine.engine_for(fake("cuda", torch.float64)).name == "eager"  # the kernels compute in float32
+    assert engine.engine_for(fake("cpu")).name == "eager"
+    monkeypatch.setenv(engine.ENGINE_ENV, "eager")
+    assert engine.engine_for(fake("cuda")).name == "eager"
+    monkeypatch.setenv(engine.ENGINE_ENV, "bogus")
+    with pytest.raises(ValueError, match="DINO_PYTORCH_ENGINE='bogus', expected 'eager' or 'triton'"):
+        engine.engine_for(fake("cpu"))
+    monkeypatch.setenv(engine.ENGINE_ENV, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="DINO_PYTORCH_ENGINE=triton with a cpu tensor needs TRITON_INTERPRET=1"):
+        engine.engine_for(fake("cpu"))
+    monkeypatch.delenv(engine.ENGINE_ENV)
+    monkeypatch.setattr(engine, "triton_importable", lambda: False)
+    assert engine.engine_for(fake("cuda")).name == "eager"
+
+
+def test_cpu_tensors_take_the_eager_engine(monkeypatch):
+    monkeypatch.delenv(engine.ENGINE_ENV, raising=False)
     engines = []
-    original = MultiviewCrossEntropy.apply
+    original = CrossEntropyFunction.apply
 
     def spy(*args):
-        engines.append(args[-1])
+        engines.append(args[6].name)
         return original(*args)
 
-    monkeypatch.setattr(MultiviewCrossEntropy, "apply", spy)
+    monkeypatch.setattr(CrossEntropyFunction, "apply", spy)
     student, probs = make(3, 2, 2, 16)
     multiview_cross_entropy(student, probs, 0.1)
-    assert engines == ["torch"]
+    DINOLoss(16)(student, torch.randn(4, 16))
+    assert engines == ["eager", "eager"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -239,13 +262,35 @@ def test_teacher_ops_on_cpu(dtype):
     g = torch.Generator().manual_seed(1)
     t = torch.randn(6, 300, generator=g).to(dtype)
     center = torch.randn(1, 300, generator=g)
-    expected = teacher_targets.centered_teacher_softmax(t, center, 0.04)
-    assert torch.equal(centered_teacher_softmax(t, center, 0.04), expected)
+    expected = torch.softmax((t.double() - center.double()) / 0.04, dim=-1)
+    probs = centered_teacher_softmax(t, center, 0.04)
+    assert probs.dtype == torch.float32 and rel(probs, expected) <= 1e-5
     column = teacher_column_sum(t)
     assert column.shape == (1, 300) and column.dtype == torch.float32
     assert rel(column, t.double().sum(0, keepdim=True)) <= 1e-6
-    if dtype == torch.float32:  # the centre statistic is bit-identical to the former float() sum
+    if dtype == torch.float32:  # the centre statistic is bit-identical to the official float sum
         assert torch.equal(column, torch.sum(t.float(), dim=0, keepdim=True))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_weighted_cross_entropy_matches_float64(weighted):
+    # iBOT's form: one target row per logit row, a weight per row; float64 naive reference.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 90, generator=g) * 3
+    targets = torch.softmax(torch.randn(7, 90, generator=g) / 0.05, dim=-1)
+    weights = torch.rand(7, generator=g) if weighted else None
+    ours = logits.clone().requires_grad_(True)
+    loss = weighted_cross_entropy(ours, targets, 0.1, weights)
+    loss.backward()
+    exact = logits.double().requires_grad_(True)
+    rows = -(targets.double() * torch.log_softmax(exact / 0.1, dim=-1)).sum(-1)
+    (rows * (weights.double() if weighted else 1.0)).sum().backward()
+    assert rel(loss, (rows * (weights.double() if weighted else 1.0)).sum()) <= 1e-6
+    assert rel(ours.grad, exact.grad) <= 1e-6
+    with pytest.raises(ValueError, match=r"weights has shape \(3,\), expected \(7,\)"):
+        weighted_cross_entropy(logits, targets, 0.1, torch.ones(3))
+    with pytest.raises(ValueError, match="expected both"):
+        weighted_cross_entropy(logits, targets[:3], 0.1)
 
 
 def test_center_counter_stays_out_of_state_dict():
