@@ -10,7 +10,7 @@ multi-view cross-entropy and its backward to the student logits (no centre updat
 Columns: median wall time of forward+backward (>= 5 repeats after warm-up by default), bytes autograd
 saves for backward (saved-tensor hooks; distinct storages, the student logits excluded since the
 head's backward keeps them alive anyway), and the extra peak memory of a steady step (after a
-warm-up step that compiles what it compiles): on CPU the growth of peak RSS over the RSS before the
+warm-up step): on CPU the growth of peak RSS over the RSS before the
 step (each row in its own process; Linux ``clear_refs`` resets the peak), on CUDA
 ``max_memory_allocated`` above what was allocated before. Ratios are to the official-style row.
 """
@@ -33,13 +33,8 @@ from torch import Tensor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, not installed
 from common import median_time, peak_rss_mb, reset_peak_rss, rss_mb, saved_tensor_bytes, sync, table  # noqa: E402
-from dino_pytorch.ops import (  # noqa: E402
-    MultiviewCrossEntropy,
-    multiview_cross_entropy_reference,
-    reused_buffer,
-    teacher_targets,  # noqa: E402
-)
-from dino_pytorch.ops.dispatch import centered_teacher_softmax, triton_importable  # noqa: E402
+from dino_pytorch.ops import cross_entropy, multiview_cross_entropy_reference  # noqa: E402
+from dino_pytorch.ops.engine import eager_engine, triton_engine, triton_importable  # noqa: E402
 
 FLOOR_READ, FLOOR_RW = "floor: one read pass of the logits", "floor: one read + write pass of the logits"
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (student (V*B, K), teacher logits (T*B, K), centre)
@@ -95,46 +90,27 @@ def lightly_installed(args: argparse.Namespace) -> LossFn:
 
 def reference(args: argparse.Namespace) -> LossFn:
     def fn(student: Tensor, teacher: Tensor, center: Tensor) -> Tensor:
-        probs = teacher_targets.centered_teacher_softmax(teacher, center, args.teacher_temp).chunk(args.teacher_views)
+        probs = eager_engine().centered_softmax(teacher, center, args.teacher_temp).chunk(args.teacher_views)
         return multiview_cross_entropy_reference(list(student.chunk(args.views)), list(probs), args.student_temp)
 
     return fn
 
 
-def fused(engine: str, overwrite: bool = False) -> Callable[[argparse.Namespace], LossFn]:
+def ours(engine_name: str) -> Callable[[argparse.Namespace], LossFn]:
+    """What DINOLoss runs (the centred softmax, then the cross-entropy) on one named engine."""
+
     def build(args: argparse.Namespace) -> LossFn:
-        own: dict[str, Tensor] = {}
+        engine = eager_engine() if engine_name == "eager" else triton_engine()
+        coef = 1.0 / (args.batch * args.teacher_views * (args.views - 1))
 
         def fn(student: Tensor, teacher: Tensor, center: Tensor) -> Tensor:
-            # What DINOLoss calls: the Triton kernel on CUDA, one compiled kernel on a large CPU input.
-            probs = centered_teacher_softmax(teacher, center, args.teacher_temp)
-            probs = probs.view(args.teacher_views, args.batch, -1)
-            if not overwrite:
-                return MultiviewCrossEntropy.apply(student, probs, args.student_temp, args.views, None, engine)
-            # The loss writes the gradient over its input: this row reads its own copy of the logits,
-            # refreshed by prepare() outside the timed part (in training they are the last layer's
-            # output, made anew each step). A view, so that like a layer's output its gradient is
-            # handed on without a copy.
-            logits = own["logits"].view_as(own["logits"])
-            return MultiviewCrossEntropy.apply(logits, probs, args.student_temp, args.views, None, engine, True)
+            probs = engine.centered_softmax(teacher, center, args.teacher_temp)
+            return cross_entropy(student, probs.view(args.teacher_views, args.batch, -1), args.student_temp, coef,
+                                 engine=engine)
 
-        def prepare(student: Tensor) -> None:
-            if "logits" not in own:
-                own["logits"] = torch.empty_like(student.detach()).requires_grad_(True)
-            own["logits"].grad = None
-            own["logits"].detach().copy_(student.detach())
-
-        if overwrite:
-            fn.prepare, fn.own = prepare, own  # type: ignore[attr-defined]
         return fn
 
     return build
-
-
-def prepare(fn: LossFn, student: Tensor) -> None:
-    """Untimed set-up before a step (rows whose loss consumes its input)."""
-    if hasattr(fn, "prepare"):
-        fn.prepare(student)
 
 
 ROWS: dict[str, Callable[[argparse.Namespace], LossFn]] = {
@@ -142,10 +118,8 @@ ROWS: dict[str, Callable[[argparse.Namespace], LossFn]] = {
     "lightly-style einsum (written here from peers.md)": lightly_style_einsum,
     "lightly DINOLoss (installed)": lightly_installed,
     "dino_pytorch per-view reference": reference,
-    "dino_pytorch fused, eager torch engine": fused("torch"),
-    "dino_pytorch fused, compiled engine (CPU default)": fused("compiled"),
-    "dino_pytorch fused, compiled, overwrite_logits=True": fused("compiled", overwrite=True),
-    "dino_pytorch fused, Triton engine": fused("triton"),
+    "dino_pytorch, eager engine (CPU default)": ours("eager"),
+    "dino_pytorch, Triton engine (CUDA default)": ours("triton"),
 }
 
 
@@ -175,7 +149,6 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
 
     def step() -> None:  # on the CPU only its memory is used: the times come from interleaved_times
         student.grad = None
-        prepare(fn, student)
         run().backward()
 
     if device.type == "cuda":
@@ -186,18 +159,15 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        # A steady step: compiled kernels built and checked first, the peak counted from there, and
-        # no reused gradient buffer carried in (its bytes count as the step's, as in the other rows).
+        # A steady step: the first one (allocator warm-up) is not counted.
         step()
         student.grad = None
-        reused_buffer.release()
         reset_peak_rss()
         base = rss_mb()
         step()
         peak = (peak_rss_mb() - base) * 2**20
     ms = 1e3 * median_time(step, args.repeats, args.warmup, device)
     student.grad = None
-    prepare(fn, student)
     # The logits are left out (the head's backward keeps them anyway): the row's own, if it has them.
     logits = fn.own["logits"] if hasattr(fn, "own") else student  # type: ignore[attr-defined]
     return {"ms": ms, "saved": saved_tensor_bytes(run, exclude=logits), "peak": peak}
@@ -217,8 +187,6 @@ def interleaved_times(names: list[str], args: argparse.Namespace) -> dict[str, f
 
     def step(name: str) -> float:
         student.grad = None
-        if name not in floors:
-            prepare(fns[name], student)
         start = time.perf_counter()
         if name in floors:
             floors[name]()
@@ -271,15 +239,15 @@ def triton_bandwidth(args: argparse.Namespace) -> list[list[object]]:
     student, teacher, center = inputs(args, device)
     student = student.detach()
     probs = tk.centered_softmax(teacher, center, args.teacher_temp).view(args.teacher_views, args.batch, -1)
-    _, stats = tk.cross_entropy_forward(student, probs, args.student_temp, args.views)
+    _, stats = tk.cross_entropy_forward(student, probs, args.student_temp)
     scale = torch.ones((), device=device)
     s_bytes, t_bytes, p_bytes = student.nbytes, teacher.nbytes, probs.nbytes
     kernels = [
         ("centred teacher softmax", lambda: tk.centered_softmax(teacher, center, args.teacher_temp), t_bytes + p_bytes),
         ("cross-entropy forward (row stats)",
-         lambda: tk.cross_entropy_forward(student, probs, args.student_temp, args.views), s_bytes + p_bytes),
+         lambda: tk.cross_entropy_forward(student, probs, args.student_temp), s_bytes + p_bytes),
         ("cross-entropy backward (grad)",
-         lambda: tk.cross_entropy_backward(scale, student, probs, stats, args.student_temp, args.views),
+         lambda: tk.cross_entropy_backward(scale, student, probs, stats, args.student_temp),
          2 * s_bytes + p_bytes),
         ("centre column sum", lambda: tk.column_sum(teacher), t_bytes),
     ]
@@ -327,11 +295,8 @@ def main() -> None:
         names.remove("lightly DINOLoss (installed)")
         notes.append("lightly is not installed: its row is skipped (the lightly-style einsum row stands in).")
     if device.type != "cuda" or not triton_importable():
-        names.remove("dino_pytorch fused, Triton engine")
+        names.remove("dino_pytorch, Triton engine (CUDA default)")
         notes.append("Triton row: CUDA only.")
-    if device.type == "cuda":
-        names = [n for n in names if "compiled" not in n]
-        notes.append("compiled rows: CPU only.")
     argv = sys.argv[1:]
     results = {}
     for name in names:
@@ -369,7 +334,7 @@ def main() -> None:
     print(table(["implementation", "fwd+bwd ms", "speed-up vs official", "speed-up vs lightly-style",
                  "time / read pass", "time / read+write pass", "saved for bwd (MiB)", "saved vs baseline",
                  peak_name], rows))
-    if device.type == "cuda" and "dino_pytorch fused, Triton engine" in names:
+    if device.type == "cuda" and "dino_pytorch, Triton engine (CUDA default)" in names:
         print("\n### Triton kernels: achieved bandwidth vs a device-to-device copy of the same bytes\n")
         headers = ["kernel", "bytes (MiB)", "time (us)", "GB/s", "copy GB/s", "fraction of copy"]
         print(table(headers, triton_bandwidth(args)))
