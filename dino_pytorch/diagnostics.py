@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .ops import row_entropy
 from .validate import check_float, check_int, check_positive_int
 
 UNIFORM_HINT = ("lower the teacher temperature (--teacher_temp / warm-up), raise the teacher momentum, "
@@ -50,9 +51,8 @@ def collapse_metrics(teacher_probs: Tensor, center: Tensor, loss: Optional[Tenso
     """
     p = teacher_probs.float()
     k = p.shape[-1]
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
-    mean = p.mean(0)
-    mean_entropy = -(mean * torch.log(mean.clamp_min(1e-30))).sum()
+    entropy = row_entropy(p).mean()
+    mean_entropy = row_entropy(p.mean(0))
     winners = torch.zeros(k, dtype=torch.bool, device=p.device).index_fill_(0, p.argmax(-1), True)
     metrics = {
         "teacher_entropy": entropy,
