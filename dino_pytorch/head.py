@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
-from .validate import check_positive_ints
+from .validate import check_bool, check_positive_int, check_positive_ints
 
 # Official checkpoints store the old `nn.utils.weight_norm` names; the parametrization stores the
 # same two tensors (gain g, direction v) under these names.
@@ -40,8 +40,20 @@ class DINOHead(nn.Module):
     An official state_dict (``last_layer.weight_g`` / ``last_layer.weight_v``) loads directly;
     :meth:`official_state_dict` writes that layout back.
 
+    Args:
+        in_dim: the backbone's feature width.
+        out_dim: K, the number of prototypes.
+        use_bn: BatchNorm after each hidden linear of the MLP.
+        norm_last_layer: freeze the gain g of the prototypes (unit-norm prototypes).
+        nlayers: linear layers in the MLP, >= 1 (1: a single Linear to the bottleneck).
+        hidden_dim: width of the MLP's hidden layers (unused with ``nlayers=1``).
+        bottleneck_dim: width before the L2 normalisation.
+
+    Raises:
+        TypeError, ValueError: on a bad argument, naming it and the value given.
+
     Shapes:
-        input: (N, in_dim); output: (N, out_dim).
+        input: (N, in_dim) floating point; output: (N, out_dim).
     """
 
     def __init__(
@@ -58,7 +70,9 @@ class DINOHead(nn.Module):
         in_dim, out_dim, hidden_dim, bottleneck_dim = check_positive_ints(
             in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim
         )
-        nlayers = max(nlayers, 1)
+        nlayers = check_positive_int("nlayers", nlayers)
+        use_bn = check_bool("use_bn", use_bn)
+        norm_last_layer = check_bool("norm_last_layer", norm_last_layer)
         self.in_dim, self.out_dim = in_dim, out_dim
         if nlayers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
@@ -106,7 +120,11 @@ class DINOHead(nn.Module):
         For :func:`dino_pytorch.ops.fused_last_layer_cross_entropy`, which applies the last layer
         inside the loss; ``forward(x) == last_layer(forward_bottleneck(x))``.
         """
-        if x.ndim < 1 or x.shape[-1] != self.in_dim:  # shapes are metadata: no sync
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x is a {type(x).__name__}, expected a (N, in_dim={self.in_dim}) floating-point tensor")
+        if not x.is_floating_point():  # dtype and shape are metadata: no sync
+            raise TypeError(f"x has dtype {x.dtype}, expected a (N, in_dim={self.in_dim}) floating-point tensor")
+        if x.ndim < 1 or x.shape[-1] != self.in_dim:
             raise ValueError(
                 f"DINOHead(in_dim={self.in_dim}) got an input of shape {tuple(x.shape)}: its last dimension "
                 f"must equal in_dim={self.in_dim} (the backbone's feature width)"

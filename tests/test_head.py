@@ -85,7 +85,9 @@ def test_layer_indices_with_and_without_bn():
     assert isinstance(bn.mlp[1], torch.nn.BatchNorm1d) and isinstance(bn.mlp[6], torch.nn.Linear)
     one = DINOHead(8, 4, nlayers=1, bottleneck_dim=4)
     assert isinstance(one.mlp, torch.nn.Linear)
-    assert isinstance(DINOHead(8, 4, nlayers=0).mlp, torch.nn.Linear)  # official max(nlayers, 1)
+    # The official head clamps nlayers with max(nlayers, 1); here 0 or less is named as an error.
+    with pytest.raises(ValueError, match=r"nlayers=0, expected a positive int"):
+        DINOHead(8, 4, nlayers=0)
 
 
 def random_official_state(head, seed=0):
