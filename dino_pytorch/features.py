@@ -120,7 +120,11 @@ def _traced_without(model: nn.Module, name: str) -> Optional[nn.Module]:
             node.args = (features,)
     graph.eliminate_dead_code()
     graph.lint()
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Features")
+    traced = torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Features")
+    declared = _declared_in_chans(model)
+    if declared is not None:  # kept for first_conv_channels: the graph holds submodules, not attributes
+        setattr(traced, "in_chans", declared)  # noqa: B010 (nn.Module types attributes as Tensor | Module)
+    return traced
 
 
 def as_feature_extractor(backbone: nn.Module) -> nn.Module:
@@ -144,10 +148,52 @@ def as_feature_extractor(backbone: nn.Module) -> nn.Module:
     return _traced_without(backbone, name) or BypassClassifier(backbone, name)
 
 
+# Attributes through which a wrapper holds the model that receives the images: TimmFeatures and
+# BypassClassifier (``model``), DistributedDataParallel / DataParallel (``module``), torch.compile
+# (``_orig_mod``).
+_WRAPPED = ("model", "module", "_orig_mod")
+
+
+def _declared_in_chans(module: nn.Module) -> Optional[int]:
+    """The ``in_chans`` int that ``module`` (or the model it wraps) declares; None without one."""
+    seen: set[int] = set()
+    current: Any = module
+    while isinstance(current, nn.Module) and id(current) not in seen:
+        seen.add(id(current))
+        value = getattr(current, "in_chans", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        current = next((getattr(current, name) for name in _WRAPPED
+                        if isinstance(getattr(current, name, None), nn.Module)), None)
+    return None
+
+
 def first_conv_channels(module: nn.Module) -> Optional[int]:
-    """Input channels of the first Conv2d in ``module`` (None without one)."""
+    """The input channels ``module`` takes, or None when they cannot be told without a forward.
+
+    In this order:
+
+    1. the ``in_chans`` attribute of the model (or of the model a feature extractor, DDP or
+       ``torch.compile`` wraps): timm models have one (all 98 model families of timm 1.0.31), as do
+       :class:`~dino_pytorch.models.VisionTransformer` and :class:`~dino_pytorch.models.ConvNet`.
+       It is right where the first convolution is not: a space-to-depth stem (timm's TResNet:
+       ``conv1`` takes 16x the image channels), a linear patch embedding with no convolution at all
+       (timm's NaFlexViT), or a stem whose first conv sees a transformed input (timm's CSATv2);
+    2. else the first ``nn.Conv2d`` in registration order (torchvision models, most user models),
+       or None when that conv is lazy and not yet materialised (``nn.LazyConv2d``: 0 channels).
+
+    None means "unknown": callers then skip their channel check rather than guess. A model whose
+    first registered Conv2d is not the one that receives the images (an auxiliary conv declared
+    before the stem) gets a wrong answer from rule 2: give it an ``in_chans`` attribute, or pass
+    :class:`~dino_pytorch.DINO` its ``input_size``.
+    """
+    declared = _declared_in_chans(module)
+    if declared is not None:
+        return declared
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d,)):
+        if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+                return None
             return m.in_channels
     return None
 

@@ -41,6 +41,7 @@ class ConvNet(nn.Module):
             layers.append(_stage(c_in, c_out))
             c_in = c_out
         self.features = nn.Sequential(*layers)
+        self.in_chans = in_chans
         self.pool = pool
         self.embed_dim = c_in * pool * pool
 
