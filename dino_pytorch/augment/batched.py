@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 
-from ..validate import check_int, is_int
+from ..validate import check_bool, check_int, is_int
 from . import functional as AF
 from .draws import SeedsLike, Uniforms, check_seeds, sample_boxes
 from .functional import stack_images
@@ -108,8 +108,13 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     ``antialias=True``: the crop-resize is the same separable filter, in float.
 
     Inputs: ``uint8`` tensors with values in ``[0, 255]``, or floating tensors with values in
-    ``[0, 1]`` (not checked, to avoid a device synchronisation), on any device.  The views come back
-    on the input's device.
+    ``[0, 1]``, on any device; ``C`` in ``{1, 3}``.  The views come back on the input's device.  The
+    float range is checked on CPU tensors (one min/max pass: a 0-255 float batch, an already
+    normalised one or a NaN raises a ValueError), not on GPU tensors, where reading the values
+    would synchronise the device each batch: there values outside ``[0, 1]`` are clipped by the
+    crop-resize.  Every image needs at least
+    :attr:`~dino_pytorch.augment.MultiCropRecipe.min_image_pixels` pixels (``H * W``; 20 for the
+    official recipe), so that the smallest crop of the recipe covers a pixel.
 
     Randomness: all parameters are drawn on the CPU from ``generator`` (a CPU ``torch.Generator``)
     or, when it is None, from torch's global RNG, which DataLoader workers seed per worker.  The same
@@ -159,6 +164,14 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         """
         check_int("batch_size", batch_size, 1)
         sizes = _check_sizes(image_size, batch_size)
+        return self._sample_params(sizes, "image_sizes" if isinstance(image_size, Tensor) else "image_size",
+                                   generator, seeds)
+
+    def _sample_params(self, sizes: Tensor, size_name: str, generator: Optional[torch.Generator],
+                       seeds: Optional[SeedsLike]) -> list[ViewParams]:
+        """:meth:`sample_params` for checked ``(B, 2)`` sizes; ``size_name`` names them in errors."""
+        batch_size = sizes.shape[0]
+        self._check_min_size(sizes, size_name)
         generator = _check_generator(generator)
         if seeds is not None and generator is not None:
             raise TypeError("pass either generator= (one stream for the batch) or seeds= (one per image), not both")
@@ -167,6 +180,13 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         params = [self._sample_view(sizes, spec, draws) for spec in self.recipe.view_specs]
         draws.check_used(self.recipe.num_views)
         return params
+
+    def _check_min_size(self, sizes: Tensor, name: str) -> None:
+        """Every ``(H_i, W_i)`` of the (B, 2) CPU sizes holds the recipe's smallest crop."""
+        areas = sizes[:, 0] * sizes[:, 1]
+        i = int(areas.argmin())
+        h, w = (int(v) for v in sizes[i])
+        self.recipe.check_image_size(f"{name}[{i}]" if name == "image_sizes" else name, h, w)
 
     def _sample_view(self, sizes: Tensor, spec: ViewSpec, draws: Uniforms) -> ViewParams:
         r = self.recipe
@@ -205,19 +225,21 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
             return_params: also return the drawn :class:`ViewParams` (CPU tensors).
         """
         _check_images(images)
+        return_params = check_bool("return_params", return_params)
         batch, height, width = images.shape[0], images.shape[2], images.shape[3]
-        sizes: Union[tuple[int, int], Tensor] = (height, width)
         if image_sizes is not None:
             sizes = _check_sizes(image_sizes, batch)
             if (sizes[:, 0] > height).any() or (sizes[:, 1] > width).any():
                 raise ValueError(
                     f"image_sizes: every (H_i, W_i) must fit in the batch's (H, W) = {(height, width)}"
                 )
-        params = self.sample_params(batch, sizes, generator=generator, seeds=seeds)
-        views = self.apply_params(images, params)
+        else:
+            sizes = _check_sizes((height, width), batch)
+        params = self._sample_params(sizes, "image_sizes" if image_sizes is not None else "images' (H, W)",
+                                     generator, seeds)
+        views = self._augment(images, params)
         return (views, params) if return_params else views
 
-    @torch.no_grad()
     def apply_params(self, images: Tensor, params: Sequence[ViewParams]) -> list[Tensor]:
         """Augment ``images (B, C, H, W)`` with given parameters (one :class:`ViewParams` per view, in
         view order); returns the views as :meth:`forward` does.  ``forward`` is :meth:`sample_params`
@@ -236,6 +258,11 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
                 raise ValueError(
                     f"params[{i}].boxes: every box must be non-empty and lie inside the {height}x{width} images"
                 )
+        return self._augment(images, params)
+
+    @torch.no_grad()
+    def _augment(self, images: Tensor, params: Sequence[ViewParams]) -> list[Tensor]:
+        """:meth:`apply_params` on checked inputs."""
         x = AF.to_unit_float(AF.match_channels(images.as_subclass(Tensor), self.recipe.channels))
         return [self._view(x, p, spec.size, spec.solarize_prob > 0.0)
                 for p, spec in zip(params, self.recipe.view_specs)]
@@ -313,6 +340,16 @@ def _check_images(images: Any) -> None:
         raise ValueError(f"images: expected a (B, C, H, W) batch with C in {{1, 3}}, got shape {tuple(images.shape)}")
     if 0 in images.shape:
         raise ValueError(f"images: empty batch of shape {tuple(images.shape)}")
+    if images.is_floating_point() and images.device.type == "cpu":
+        # On the CPU only: reading a GPU tensor's values would synchronise the device every batch.
+        low, high = (float(v) for v in torch.aminmax(images.as_subclass(Tensor)))
+        if not (low >= 0.0 and high <= 1.0):  # NaN fails both
+            hint = ("; 0-255 floats: divide by 255 or pass uint8" if high > 1.0 and low >= 0.0 else
+                    "; already normalised? the recipe's mean/std are applied here" if low < 0.0 else "")
+            raise ValueError(
+                f"images has {images.dtype} values in [{low:.4g}, {high:.4g}], expected floats in [0, 1] "
+                f"(or uint8 in [0, 255]){hint}"
+            )
 
 
 def _check_sizes(image_size: Union[tuple[int, int], Tensor], batch_size: int) -> Tensor:

@@ -104,8 +104,8 @@ def _check_strength(name: str, value: Any, center: float, bound: tuple[float, fl
     if is_number(value):
         # Hue is a shift around 0, so its strength may not reach past the colour circle's half.
         upper = min(center - lo_b, hi_b - center) if center == 0.0 else math.inf
-        if not 0.0 <= value <= upper:
-            limit = f"in [0, {upper}]" if math.isfinite(upper) else ">= 0"
+        if not (0.0 <= value <= upper and math.isfinite(value)):
+            limit = f"in [0, {upper}]" if math.isfinite(upper) else ">= 0 (finite)"
             raise ValueError(f"{name}={value!r}, expected a strength {limit} or a (low, high) range")
         return float(value)
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
@@ -125,8 +125,14 @@ def _check_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, .
             f"mean={tuple(mean)!r} and std={tuple(std)!r}: expected equal lengths of 1 (greyscale "
             f"output) or 3 (RGB output), got {len(mean)} and {len(std)}"
         )
-    if not all(s > 0.0 for s in std):
-        raise ValueError(f"std={tuple(std)!r}, expected every std > 0")
+    if not all(0.0 < s < math.inf for s in std):
+        raise ValueError(f"std={tuple(std)!r}, expected every std finite and > 0")
+    if not all(0.0 <= m <= 1.0 for m in mean):
+        hint = " (0-255 statistics? divide mean and std by 255)" if any(m > 1.0 for m in mean) else ""
+        raise ValueError(
+            f"mean={tuple(mean)!r}, expected every mean in [0, 1], the scale of the images it is "
+            f"subtracted from{hint}"
+        )
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
@@ -302,6 +308,45 @@ class MultiCropRecipe:
         return specs + [local] * self.local_crops_number
 
     @property
+    def min_crop_scale(self) -> float:
+        """The smallest area fraction any view may crop: ``global_crops_scale[0]``, or
+        ``local_crops_scale[0]`` when smaller and there are local views."""
+        scales = [cast("tuple[float, float]", self.global_crops_scale)[0]]
+        if self.local_crops_number > 0:
+            scales.append(cast("tuple[float, float]", self.local_crops_scale)[0])
+        return min(scales)
+
+    @property
+    def min_image_pixels(self) -> int:
+        """The smallest image area ``H * W`` the recipe accepts: its smallest crop,
+        :attr:`min_crop_scale` of the area, must cover at least one pixel (20 pixels for the
+        official local scale 0.05, e.g. 5x4; 3 for a global scale of 0.4).  Below that, the crops at
+        the low end of the scale range round to empty boxes and are drawn again (or replaced by the
+        centre crop), so the views would silently stop following the recipe's scale range (a 1x1
+        image gives the same constant view whatever the recipe)."""
+        scale = self.min_crop_scale
+        pixels = math.ceil(1.0 / scale)
+        while pixels > 1 and (pixels - 1) * scale >= 1.0:  # 1 / scale rounded up past an integer
+            pixels -= 1
+        while pixels * scale < 1.0:
+            pixels += 1
+        return pixels
+
+    def check_image_size(self, name: str, height: int, width: int) -> None:
+        """Raise a ValueError naming ``name`` when an image of ``height x width`` pixels is smaller
+        than :attr:`min_image_pixels`."""
+        if height * width * self.min_crop_scale < 1.0:
+            which = ("local_crops_scale" if self.local_crops_number > 0
+                     and self.min_crop_scale == cast("tuple[float, float]", self.local_crops_scale)[0]
+                     else "global_crops_scale")
+            area = height * width
+            raise ValueError(
+                f"{name}=({height}, {width}) is {area} pixel{'' if area == 1 else 's'}, expected at least "
+                f"{self.min_image_pixels} (H * W): the smallest crop, {which}[0]={self.min_crop_scale} of the "
+                "area, must cover one pixel"
+            )
+
+    @property
     def jitter_ranges(self) -> tuple[Optional[tuple[float, float]], ...]:
         """Factor ranges of (brightness, contrast, saturation, hue), None for a disabled component.
 
@@ -344,7 +389,8 @@ class MultiCropRecipe:
 # ---------------------------------------------------------------------------------------------
 # read access for the augmenters
 
-_DERIVED = ("num_views", "channels", "global_blur_prob", "global_solarize_prob", "view_specs", "jitter_ranges")
+_DERIVED = ("num_views", "channels", "global_blur_prob", "global_solarize_prob", "view_specs", "jitter_ranges",
+            "min_crop_scale", "min_image_pixels", "check_image_size")
 
 
 class RecipeAttributes:
