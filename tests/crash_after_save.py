@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import dino_pytorch.cli.train as train
+import dino_pytorch.cli.train_checkpoint as checkpointing
 
 
 def _step(name):
@@ -27,7 +28,7 @@ def _step(name):
 
 CRASH_STEP, KILL_IN_SAVE_STEP, DISK_FULL_STEP = map(_step, ("CRASH_AFTER_STEP", "KILL_IN_SAVE_AT_STEP",
                                                            "DISK_FULL_AT_STEP"))
-_save, _torch_save = train.save_checkpoint, torch.save
+_save, _torch_save = checkpointing.save_checkpoint, torch.save
 
 
 def save_then_die(path, state):
@@ -63,7 +64,7 @@ def faulty_torch_save(obj, f, *args, **kwargs):
     return _torch_save(obj, f, *args, **kwargs)
 
 
-_checkpointer_init = train.Checkpointer.__init__
+_checkpointer_init = checkpointing.Checkpointer.__init__
 
 
 def init_and_save_initial(self, *args, **kwargs):
@@ -72,7 +73,7 @@ def init_and_save_initial(self, *args, **kwargs):
         self.save(0, Path(os.environ["INITIAL_CHECKPOINT"]))
 
 
-train.save_checkpoint = save_then_die
-train.Checkpointer.__init__ = init_and_save_initial
+checkpointing.save_checkpoint = save_then_die
+checkpointing.Checkpointer.__init__ = init_and_save_initial
 torch.save = faulty_torch_save
 sys.exit(train.main(sys.argv[1:]))

@@ -224,7 +224,9 @@ def test_dino_train_reports_the_share_on_the_garment(tmp_path, capsys):
     from types import SimpleNamespace
 
     from dino_pytorch.cli._setup import backbone_from_flags, config_from_flags, eval_datasets
-    from dino_pytorch.cli.train_report import GARMENT_IMAGES, final_report, garment_attention
+    from dino_pytorch.cli.demo_report import GARMENT_IMAGES, demo_extras, garment_attention
+    from dino_pytorch.cli.report_hook import ReportExtras
+    from dino_pytorch.cli.train_evals import final_report
     from dino_pytorch.datasets import load_fashion_mnist
 
     flags = SimpleNamespace(arch="vit_tiny", patch_size=7, vit_depth=1, vit_embed_dim=24, drop_path_rate=0.0)
@@ -243,15 +245,16 @@ def test_dino_train_reports_the_share_on_the_garment(tmp_path, capsys):
     assert records == [{"step": 0, "cls_foreground_share": start.share, "cls_foreground_uniform": start.uniform,
                         "random_init": True}]
     end = ForegroundShare(share=71.25, uniform=start.uniform)
-    final_report(tmp_path, "vit_tiny", 40, 70.0, 60.0, 80.0, end, start)
+    final_report(tmp_path, "vit_tiny", 40, 70.0, 60.0, demo_extras(80.0, end, start))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cls_foreground_share"] == 71.25 and summary["cls_foreground_share_random_init"] == start.share
-    assert summary["cls_foreground_share_uniform"] == start.uniform
+    assert summary["cls_foreground_share_uniform"] == start.uniform and summary["knn_top1_raw_pixels"] == 80.0
     out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out[1:4]] == [["raw", "pixels"], ["vit_tiny", "at"], ["vit_tiny", "after"]]
     assert out[-1] == (f"CLS attention on the garment (last block, first 1,000 test images): random init "
                        f"{start.share:.1f}% -> after DINO 71.2% (uniform {start.uniform:.1f}%)")
     convnet = config_from_flags(SimpleNamespace(arch="convnet", width=8, pool=1), "fashion_mnist", 1, 28)
     assert garment_attention(log, torch.nn.Identity(), convnet, 0) is None and len(records) == 1
-    final_report(tmp_path, "convnet", 40, 70.0, None, None)  # no share: the table as before
+    final_report(tmp_path, "convnet", 40, 70.0, None, ReportExtras())  # no hook: the k-NN table alone
     assert "garment" not in capsys.readouterr().out
     assert "cls_foreground_share" not in (tmp_path / "summary.json").read_text()

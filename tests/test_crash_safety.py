@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from dino_pytorch.cli.train import first_non_finite, model_seed, schedule_change
+from dino_pytorch.cli.train import model_seed
+from dino_pytorch.cli.train_checkpoint import first_non_finite, schedule_change
 from dino_pytorch.cli.train_flags import get_args_parser
 from dino_pytorch.cli.train_report import EXIT_CODES
 

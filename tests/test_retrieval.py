@@ -1,5 +1,6 @@
 """Retrieval: the neighbour search against a float64 brute force, the grid picture's size and
-its red / green marks against a plain count, and retrieval.png from the training program."""
+its red / green marks against a plain count, and retrieval.png from the Fashion-MNIST demo's hook on
+the training program."""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dino_pytorch.cli.train_report import write_pictures
+from dino_pytorch.cli.demo_report import FashionMNISTDemo
+from dino_pytorch.cli.train_report import RunLog, write_pictures
 from dino_pytorch.models.convnet import ConvNet
 from dino_pytorch.retrieval import (
     CELL_H,
@@ -181,17 +183,16 @@ CONFIG = {"arch": "convnet", "data": {"dataset": "fashion_mnist", "in_chans": 1,
 
 def test_training_pictures_include_retrieval_png(tmp_path, tiny_fashion_mnist):
     backbone = ConvNet(width=2, stages=1).train()
-    write_pictures(tmp_path / "run", backbone, CONFIG, 0, str(tiny_fashion_mnist), retrieval=True)
-    png = tmp_path / "run" / "retrieval.png"
+    out = tmp_path / "run"
+    demo = FashionMNISTDemo(CONFIG, RunLog(out, is_main=True), data_path=str(tiny_fashion_mnist))
+    write_pictures(out, backbone, CONFIG, 0, hook=demo)
+    png = out / "retrieval.png"
     # 8 queries (one per class of the first 8), 5 neighbours by pixels and 5 by features.
     assert matplotlib.image.imread(png).shape[:2] == expected_size(8, [5, 5])
     assert backbone.training  # extraction put the mode back
 
 
-def test_retrieval_png_only_for_fashion_mnist_and_when_asked(tmp_path, tiny_fashion_mnist):
-    backbone = ConvNet(width=2, stages=1)
-    # Off by default: the training program asks for it with the final k-NN (not --no_final_knn).
-    write_pictures(tmp_path / "off", backbone, CONFIG, 0, str(tiny_fashion_mnist))
-    other = {**CONFIG, "data": {**CONFIG["data"], "dataset": "imagefolder"}}
-    write_pictures(tmp_path / "folder", backbone, other, 0, str(tiny_fashion_mnist), retrieval=True)
+def test_retrieval_png_only_with_the_demo_hook(tmp_path, tiny_fashion_mnist):
+    # The training program passes the hook with the final k-NN only (not under --no_final_knn).
+    write_pictures(tmp_path / "off", ConvNet(width=2, stages=1), CONFIG, 0, str(tiny_fashion_mnist))
     assert not list(tmp_path.glob("*/retrieval.png"))

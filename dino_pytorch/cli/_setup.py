@@ -364,20 +364,6 @@ def knn_top1(backbone: nn.Module, train_set: Dataset, test_set: Dataset, device:
     return knn_classifier(train_f, train_y, test_f, test_y, k=20, T=0.07)[0]
 
 
-@torch.no_grad()
-def raw_pixel_knn(data_path: Optional[str] = None) -> float:
-    """Fashion-MNIST baseline: the same weighted 20-NN on raw pixels in [0, 1] (cosine)."""
-    from ..datasets import load_fashion_mnist
-    from ..eval.knn import knn_classifier
-
-    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(True, data_path), load_fashion_mnist(False, data_path)
-
-    def flat(x: Tensor) -> Tensor:
-        return torch.nn.functional.normalize(x.flatten(1).float().div_(255), dim=1)
-
-    return knn_classifier(flat(train_x), train_y, flat(test_x), test_y, k=20, T=0.07)[0]
-
-
 def optional_extra(module: str, what: str, extra: str = "train") -> Any:
     """``import module``, or None after one line saying what is skipped and which extra installs it."""
     try:

@@ -7,13 +7,16 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ._setup import UsageError
+
+if TYPE_CHECKING:
+    from ..sampler import ResumableSampler
 
 
 def quiet_stop_signals(worker_id: int) -> None:
@@ -39,10 +42,20 @@ def quiet_stop_signals(worker_id: int) -> None:
     threading.Thread(target=wait_for_the_parent, name="sigterm-from-parent", daemon=True).start()
 
 
+class TrainData(NamedTuple):
+    """The training set as dino-train reads it: ``loader`` yields (views or raw images, labels,
+    keys) batches (:func:`make_views`), ``sampler`` orders them and places a resumed epoch, and
+    ``augment_on_device`` is ``--augment batched``'s BatchedMultiCrop (None: the workers make the views)."""
+
+    loader: DataLoader
+    sampler: ResumableSampler
+    augment_on_device: Optional[nn.Module]
+
+
 def build_data(
     args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], rank: int, world_size: int
-) -> tuple[DataLoader, Any, Optional[nn.Module]]:
-    """(loader, sampler, on-device augmenter or None) of the training set; one recipe either way."""
+) -> TrainData:
+    """The training set's loader, sampler and on-device augmenter (or None); one recipe either way."""
     from ..augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
     from ..datasets import FashionMNIST, SeededTransform
     from ..sampler import ResumableSampler
@@ -67,7 +80,7 @@ def build_data(
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=args.num_workers > 0, worker_init_fn=quiet_stop_signals)
-    return loader, sampler, on_device
+    return TrainData(loader, sampler, on_device)
 
 
 def make_views(images: Any, augment_on_device: Any, args: argparse.Namespace, step: int, micro: int, rank: int,

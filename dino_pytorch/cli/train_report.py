@@ -1,7 +1,8 @@
-"""What dino-train writes besides checkpoints: metrics.jsonl, the official log.txt, a progress bar,
-the final k-NN table and summary.json, curves, attention maps and the retrieval grid, and (``--tensorboard``) the same
-scalars and pictures as TensorBoard events. Only rank 0 writes. And how a run ends early
-(:class:`RunControl`: SIGTERM / SIGINT, the time budget, saves by the clock).
+"""What dino-train writes besides checkpoints and the k-NN report (:mod:`.train_evals`):
+metrics.jsonl, the official log.txt, a progress bar, curves, attention maps and a hook's pictures,
+and (``--tensorboard``) the same scalars and pictures as TensorBoard events. Only rank 0 writes.
+And how a run ends early (:class:`RunControl`: SIGTERM / SIGINT, the time budget, saves by the
+clock).
 
 tqdm, matplotlib and tensorboard are optional extras: without them each missing picture, bar or
 event file costs one line of output, never the run.
@@ -15,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..attention import ForegroundShare, cls_attention_foreground_share, patch_foreground
 from ..diagnostics import CollapseMonitor
 from ..model_config import is_vit
-from ._setup import eval_datasets, make_loader, optional_extra
+from ._setup import eval_datasets, optional_extra
+from .report_hook import ReportHook
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -187,98 +187,31 @@ class RunControl:
         self.previous = {}
 
 
-def final_report(out: Path, arch: str, steps: int, top1: float, random_init: Optional[float],
-                 raw_pixels: Optional[float], garment: Optional[ForegroundShare] = None,
-                 garment_random_init: Optional[ForegroundShare] = None) -> None:
-    """summary.json and the k-NN table: raw pixels / random init / after DINO; with ``garment`` (a
-    ViT on Fashion-MNIST, :func:`garment_attention`), the CLS attention's share on the garment too."""
-    summary: dict[str, Any] = {"knn_top1": top1, "knn_top1_random_init": random_init, "steps": steps}
-    if raw_pixels is not None:
-        summary["knn_top1_raw_pixels"] = raw_pixels
-    if garment is not None:
-        share_before = None if garment_random_init is None else garment_random_init.share
-        summary.update(cls_foreground_share=garment.share, cls_foreground_share_uniform=garment.uniform,
-                       cls_foreground_share_random_init=share_before)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [("raw pixels", raw_pixels), (f"{arch} at random init", random_init),
-            (f"{arch} after DINO ({steps} steps)", top1)]
-    shown = [(name, value) for name, value in rows if value is not None]
-    width = max(len(name) for name, _ in shown)
-    print("k-NN top-1 (k=20, T=0.07), train set -> test set:")
-    for name, value in shown:
-        print(f"  {name:<{width}}  {value:6.2f}%", flush=True)
-    if garment is not None:
-        before = f"random init {garment_random_init.share:.1f}% -> " if garment_random_init is not None else ""
-        print(f"CLS attention on the garment (last block, first {GARMENT_IMAGES:,} test images): {before}"
-              f"after DINO {garment.share:.1f}% (uniform {garment.uniform:.1f}%)", flush=True)
-
-
-# The first test images whose CLS attention share on the garment dino-train reports.
-GARMENT_IMAGES = 1000
-
-
-def garment_attention(run_log: RunLog, backbone: nn.Module, config: dict[str, Any], step: int,
-                      random_init: bool = False) -> Optional[ForegroundShare]:
-    """A ViT on Fashion-MNIST: the share of the last block's CLS attention on the garment (patches
-    holding any non-zero raw pixel) over the first ``GARMENT_IMAGES`` test images, logged to
-    metrics.jsonl (flagged ``random_init`` or ``final``); None for other runs."""
-    data = config["data"]
-    if not is_vit(config) or data["dataset"] != "fashion_mnist":
-        return None
-    from ..datasets import load_fashion_mnist
-
-    test_set = eval_datasets("fashion_mnist", None, data["in_chans"], data["image_size"], subset=GARMENT_IMAGES)[1]
-    images = next(iter(make_loader(test_set, GARMENT_IMAGES, 0, torch.device("cpu"))))[0]  # as the k-NN sees them
-    ink = load_fashion_mnist(False)[0][: len(images)] != 0  # (N, 1, 28, 28): the raw garment
-    if ink.shape[-1] != images.shape[-1]:  # --global_crop_size other than 28: the images were resized
-        ink = torch.nn.functional.interpolate(ink.float(), size=images.shape[-2:], mode="nearest") > 0
-    patch_size = int(backbone.patch_size)  # type: ignore[arg-type]
-    result = cls_attention_foreground_share(backbone, images, patch_foreground(ink, patch_size), patch_size)
-    run_log.metrics({"step": step, "cls_foreground_share": result.share, "cls_foreground_uniform": result.uniform,
-                     "random_init" if random_init else "final": True})
-    return result
-
-
-def random_init_evals(knn: Callable[[], float], backbone: nn.Module, config: dict[str, Any],
-                      run_log: RunLog) -> tuple[float, Optional[ForegroundShare]]:
-    """The k-NN top-1 at random init and (a ViT on Fashion-MNIST) the CLS attention's share on the
-    garment, said and logged: the baselines the final table compares with."""
-    top1 = knn()
-    print(f"k-NN top-1 at random init: {top1:.2f}%", flush=True)
-    run_log.metrics({"step": 0, "knn_top1": top1, "random_init": True})
-    garment = garment_attention(run_log, backbone, config, 0, random_init=True)
-    if garment is not None:
-        print(f"CLS attention on the garment at random init: {garment.share:.1f}% (uniform {garment.uniform:.1f}%)",
-              flush=True)
-    return top1, garment
-
-
 def write_pictures(out: Path, backbone: nn.Module, config: dict[str, Any], attention_maps: int,
                    data_path: Optional[str] = None, run_log: Optional[RunLog] = None,
-                   retrieval: bool = False) -> None:
-    """curves.png from metrics.jsonl, (ViT only) the attention maps of the first test images and
-    (Fashion-MNIST, with ``retrieval``) retrieval.png; then :meth:`RunLog.finish` puts them in
-    TensorBoard (when it is on) and closes it. retrieval.png costs a feature pass over the 60k
-    training images (minutes for a ViT on one CPU thread), so it goes with the final k-NN:
-    ``retrieval=not args.no_final_knn``."""
+                   hook: Optional[ReportHook] = None) -> None:
+    """curves.png from metrics.jsonl, ``hook``'s pictures (the demo's retrieval.png) and (ViT only)
+    the attention maps of the first test images; then :meth:`RunLog.finish` puts them in
+    TensorBoard (when it is on) and closes it. dino-train passes its hook with the final k-NN only
+    (not under ``--no_final_knn``): retrieval.png costs a feature pass over the training set."""
+    drawn_by_hook: list[Path] = []
     try:
-        _draw_pictures(out, backbone, config, attention_maps, data_path, retrieval)
+        _draw_pictures(out, backbone, config, attention_maps, data_path, hook, drawn_by_hook)
     finally:
         if run_log is not None:
-            run_log.finish([out / "curves.png", out / "retrieval.png",
-                            *sorted((out / "attention").rglob("*.png"))])
+            run_log.finish([out / "curves.png", *drawn_by_hook, *sorted((out / "attention").rglob("*.png"))])
 
 
 def _draw_pictures(out: Path, backbone: nn.Module, config: dict[str, Any], attention_maps: int,
-                   data_path: Optional[str], retrieval: bool = False) -> None:
+                   data_path: Optional[str], hook: Optional[ReportHook], drawn_by_hook: list[Path]) -> None:
     if optional_extra("matplotlib", "curves.png, attention maps and retrieval.png") is None:
         return
     from ..curves import plot_curves
 
     if (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")
-    if retrieval and config["data"]["dataset"] == "fashion_mnist":
-        _retrieval_picture(out / "retrieval.png", backbone, config, data_path)
+    if hook is not None:
+        drawn_by_hook.extend(hook.draw_pictures(out, backbone))
     if is_vit(config) and attention_maps > 0:
         from ..attention import save_dataset_attention_maps
 
@@ -286,28 +219,3 @@ def _draw_pictures(out: Path, backbone: nn.Module, config: dict[str, Any], atten
         test_images = eval_datasets(data["dataset"], data_path, data["in_chans"], data["image_size"],
                                     subset=attention_maps)[1]
         save_dataset_attention_maps(backbone, test_images, out / "attention", attention_maps)
-
-
-@torch.no_grad()
-def _retrieval_picture(png: Path, backbone: nn.Module, config: dict[str, Any], data_path: Optional[str]) -> None:
-    """retrieval.png: the first test image of each of the first 8 classes, its 5 nearest training
-    images (all 60k) by raw pixels, then by the backbone's features. One feature pass over the
-    training set; the pixels are the [0, 255] images the raw-pixel k-NN baseline compares."""
-    from torch.utils.data import Subset
-
-    from ..datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-    from ..eval.knn import extract_features
-    from ..retrieval import first_of_each_class, nearest_neighbours, save_retrieval_grid
-
-    data = config["data"]
-    train_set, test_set = eval_datasets("fashion_mnist", data_path, data["in_chans"], data["image_size"])
-    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(True, data_path), load_fashion_mnist(False, data_path)
-    queries = first_of_each_class(test_y, 8)
-    device = next(backbone.parameters()).device
-    train_f = extract_features(backbone, make_loader(train_set, 512, 0, device), device)[0]
-    query_f = extract_features(backbone, make_loader(Subset(test_set, queries.tolist()), 512, 0, device), device)[0]
-    neighbours = {
-        "raw pixels": nearest_neighbours(train_x.flatten(1).float(), test_x[queries].flatten(1).float(), 5),
-        "DINO features": nearest_neighbours(train_f, query_f, 5).cpu(),
-    }
-    save_retrieval_grid(png, test_x[queries], train_x, neighbours, test_y[queries], train_y, FASHION_MNIST_CLASSES)

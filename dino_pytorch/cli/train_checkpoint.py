@@ -1,0 +1,150 @@
+"""dino-train's checkpoint: ``output_dir/checkpoint.pth``, written by :class:`Checkpointer` and read
+back by :func:`resume_or_start`, which refuses in one line a file that would not continue the run
+(unreadable, non-finite, or saved under other schedules)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..dino import DINO
+from ._setup import UsageError
+from .train_flags import check_resume_fits
+
+# The flags that define the schedules (lr, weight decay, momentum, teacher temperature, last-layer
+# freeze) and the data position of a step: a resume must not change them silently.
+SCHEDULE_FLAGS = ("max_steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "min_lr", "weight_decay",
+                  "weight_decay_end", "momentum_teacher", "teacher_temp", "warmup_teacher_temp",
+                  "warmup_teacher_temp_epochs", "freeze_last_layer", "batch_size_per_gpu", "grad_accum_steps")
+STALE_TEMP_GLOB = ".checkpoint*.pth.tmp-*"  # save_checkpoint's temporary files, left by a kill mid-save
+
+
+def remove_stale_temp_files(out: Path) -> list[str]:
+    """Delete the temporary files of saves a kill interrupted (one run per output_dir)."""
+    removed = []
+    for path in sorted(out.glob(STALE_TEMP_GLOB)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def first_non_finite(value: Any, name: str) -> Optional[str]:
+    """The name of the first floating tensor in ``value`` holding a NaN or an inf, else None."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    items: Any = ()
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    for key, item in items:
+        found = first_non_finite(item, f"{name}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def schedule_change(saved: Mapping[str, Any], args: argparse.Namespace, saved_total: Any, total: int) -> Optional[str]:
+    """How this run's schedules differ from the checkpoint's (``saved`` are its args), or None."""
+    for name in SCHEDULE_FLAGS:
+        if name not in saved:
+            continue  # a file from before the flag existed
+        overrider = {"epochs": "max_steps", "warmup_epochs": "warmup_steps"}.get(name)
+        if overrider and getattr(args, overrider) is not None and saved.get(overrider) is not None:
+            continue  # overridden by the step flag in both runs
+        if saved[name] != getattr(args, name):
+            return f"--{name} is {getattr(args, name)} here but {saved[name]} in the checkpoint's run"
+    if saved_total is not None and int(saved_total) != total:
+        return f"the schedules span {total} steps here but {int(saved_total)} in the checkpoint's run"
+    return None
+
+
+def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device,
+           args: argparse.Namespace, total_steps: int) -> None:
+    """Restore the run saved at ``path``: DINO (student, teacher, centre, step), optimizer, scaler, RNG.
+
+    Refused in one line: an unreadable file, a non-finite entry, or schedules that differ from the
+    checkpoint's (unless ``--allow_schedule_change``)."""
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise UsageError(f"cannot resume: {err}. Move the file away to start afresh.") from None
+    check_resume_fits(ckpt, dino.student, path)  # another width or head: one line, not a traceback
+    for entry in ("student", "teacher", "dino_loss", "optimizer", "fp16_scaler"):
+        bad = first_non_finite(ckpt.get(entry, {}), entry)
+        if bad is not None:
+            raise UsageError(f"cannot resume from {path}: {bad} holds non-finite values (NaN or inf). "
+                             "Move the file away (or restore an older one) to start afresh.")
+    change = schedule_change(ckpt.get("args") or {}, args, ckpt.get("total_steps"), total_steps)
+    if change is not None and not args.allow_schedule_change:
+        raise UsageError(f"cannot resume from {path}: {change}, which would change its schedules mid-run; "
+                         "pass --allow_schedule_change to resume with the new ones")
+    dino.load_official_checkpoint(ckpt)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and "fp16_scaler" in ckpt:
+        scaler.load_state_dict(ckpt["fp16_scaler"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+
+
+class Checkpointer:
+    """Rank 0 writes ``output_dir/checkpoint.pth`` (atomically); the others only keep count."""
+
+    def __init__(self, path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any,
+                 args: argparse.Namespace, config: dict[str, Any], device: torch.device, is_main: bool,
+                 total_steps: int) -> None:
+        self.path, self.dino, self.optimizer, self.scaler = path, dino, optimizer, scaler
+        self.args, self.config, self.device, self.is_main = args, config, device, is_main
+        self.total_steps = total_steps
+        self.saved_step: Optional[int] = dino.step if path.exists() else None
+
+    def save(self, epoch: int, path: Optional[Path] = None) -> Optional[str]:
+        """Write the run's state; returns None, or the one-line reason the write failed (a full
+        disk, say), the previous file at ``path`` being intact."""
+        path = path or self.path
+        if not self.is_main:
+            return None
+        extra = {"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}
+        state = self.dino.official_checkpoint(self.optimizer, epoch, self.scaler, vars(self.args),
+                                              model_config=self.config, rng_cpu=torch.get_rng_state(),
+                                              total_steps=self.total_steps, **extra)
+        try:
+            save_checkpoint(path, state)
+        except (OSError, RuntimeError) as failure:
+            # torch.save reports a failed write (ENOSPC, EIO) as a RuntimeError whose context is the OSError.
+            err = failure if isinstance(failure, OSError) else failure.__context__
+            if not isinstance(err, OSError):
+                raise
+            kept = (f"The checkpoint of step {self.saved_step} at {self.path} is intact" if self.saved_step is not None
+                    else "No checkpoint was written yet")
+            return f"cannot write {path} at step {self.dino.step}: {err.strerror or err}; stopping. {kept}"
+        if path == self.path:
+            self.saved_step = self.dino.step
+        return None
+
+    def diverged(self, report: str) -> str:
+        """The one line a run stopped by a non-finite step ends with: what, where, and what is kept."""
+        kept = (f"the last good checkpoint is {self.path} (step {self.saved_step})" if self.saved_step is not None
+                else "there is no last good checkpoint: none was written before it")
+        return f"{report}; stopping without saving after it: {kept}"
+
+
+def resume_or_start(out: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device,
+                    args: argparse.Namespace, config: dict[str, Any], is_main: bool, total_steps: int) -> Checkpointer:
+    """Resume from ``out/checkpoint.pth`` when it exists (:func:`resume`), after deleting the
+    temporary files of interrupted saves; returns the run's :class:`Checkpointer`."""
+    path = out / "checkpoint.pth"
+    if is_main and (stale := remove_stale_temp_files(out)):
+        print(f"removed {len(stale)} temporary file(s) of interrupted saves: {', '.join(stale)}", flush=True)
+    if path.exists():
+        resume(path, dino, optimizer, scaler, device, args, total_steps)
+        if is_main:
+            print(f"resumed from {path} at step {dino.step}", flush=True)
+    return Checkpointer(path, dino, optimizer, scaler, args, config, device, is_main, total_steps)
