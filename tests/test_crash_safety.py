@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from dino_pytorch.cli.run_control import EXIT_CODES
 from dino_pytorch.cli.train import model_seed
 from dino_pytorch.cli.train_checkpoint import first_non_finite, schedule_change
 from dino_pytorch.cli.train_flags import get_args_parser
-from dino_pytorch.cli.train_report import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -253,7 +253,7 @@ def test_dino_past_total_steps_holds_the_final_momentum():
 def test_a_second_signal_acts_at_once():
     from types import SimpleNamespace
 
-    from dino_pytorch.cli.train_report import RunControl
+    from dino_pytorch.cli.run_control import RunControl
 
     args = SimpleNamespace(save_every_min=0, time_budget_min=None)
     before = signal.getsignal(signal.SIGINT)

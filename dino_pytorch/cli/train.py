@@ -37,11 +37,12 @@ from ..schedules import DINOSchedules
 from ._setup import UsageError, backbone_from_flags, config_from_flags, output_dir, resolve_device, run_program
 from .demo_report import FashionMNISTDemo
 from .report_hook import ReportHook
+from .run_control import RunControl
 from .train_checkpoint import Checkpointer, resume_or_start
 from .train_data import TrainData, build_data, make_views
 from .train_evals import KnnEvals
 from .train_flags import get_args_parser, resolve_defaults
-from .train_report import RunControl, RunLog, write_pictures
+from .train_report import RunLog, write_pictures
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
