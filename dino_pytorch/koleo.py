@@ -20,15 +20,20 @@ EPS = 1e-8
 
 
 class KoLeoLoss(nn.Module):
-    """``KoLeoLoss()(features)``: features (B, D) with B >= 2 -> 0-dim float32 loss (float64 kept)."""
+    """``KoLeoLoss()(features)``: floating features (B, D) with B >= 2 and D >= 1 -> 0-dim float32 loss
+    (float64 kept). Shapes and dtype are checked (metadata: no device sync), values are not."""
 
     def forward(self, features: Tensor) -> Tensor:
-        if not isinstance(features, Tensor) or features.ndim != 2:
-            raise ValueError(
-                f"features has shape {tuple(getattr(features, 'shape', ()))}, expected (B, D) with B >= 2"
-            )
+        if not isinstance(features, Tensor):
+            raise TypeError(f"features is a {type(features).__name__}, expected a (B, D) floating-point tensor")
+        if not features.is_floating_point():
+            raise TypeError(f"features has dtype {features.dtype}, expected a (B, D) floating-point tensor")
+        if features.ndim != 2:
+            raise ValueError(f"features has shape {tuple(features.shape)}, expected (B, D) with B >= 2")
         if features.shape[0] < 2:
             raise ValueError(f"features has B={features.shape[0]} rows, expected B >= 2 (each row needs a neighbour)")
+        if features.shape[1] < 1:
+            raise ValueError(f"features has D={features.shape[1]} columns, expected D >= 1")
         dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = F.normalize(features.to(dtype), p=2, dim=-1, eps=EPS)
