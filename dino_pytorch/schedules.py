@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .validate import check_float, check_int, check_positive_int, check_probability
+from .validate import check_float, check_int, check_positive_float, check_positive_int, check_probability
+
+
+def _plain(number: Any) -> Any:
+    """A numpy float as a Python float (for the checks); anything else as it is."""
+    return float(number) if isinstance(number, np.floating) else number
 
 
 def cosine_scheduler(
@@ -35,8 +41,7 @@ def cosine_scheduler(
             raise ValueError(f"cosine_scheduler: {name}={value!r}, expected a non-negative int")
     for name, number in (("base_value", base_value), ("final_value", final_value),
                          ("start_warmup_value", start_warmup_value)):
-        check_float(f"cosine_scheduler: {name}", float(number) if isinstance(number, np.floating) else number,
-                    error=TypeError)
+        check_float(f"cosine_scheduler: {name}", _plain(number), error=TypeError)
     if epochs * niter_per_ep == 0:
         raise ValueError(
             f"cosine_scheduler: epochs={epochs} x niter_per_ep={niter_per_ep} is 0 iterations; "
@@ -60,9 +65,15 @@ def cosine_value(base_value: float, final_value: float, step: int, total_steps: 
     """Value at ``step`` of the cosine part of :func:`cosine_scheduler` (no warm-up), in O(1).
 
     Used where a whole array is wasteful (the EMA momentum at one step).
+
+    Raises:
+        ValueError, TypeError: a non-integer or out-of-range ``step`` / ``total_steps``, or a
+            non-finite value (each naming the argument).
     """
-    if total_steps <= 0:
-        raise ValueError(f"cosine_value: total_steps={total_steps}, expected a positive int")
+    check_positive_int("cosine_value: total_steps", total_steps)
+    check_int("cosine_value: step", step)
+    check_float("cosine_value: base_value", _plain(base_value), error=TypeError)
+    check_float("cosine_value: final_value", _plain(final_value), error=TypeError)
     if not 0 <= step < total_steps:
         raise ValueError(
             f"cosine_value: step={step} is outside the schedule of total_steps={total_steps}; "
@@ -76,8 +87,16 @@ def teacher_temp_schedule(
 ) -> list[float]:
     """The official per-epoch teacher temperature: linear warm-up (endpoint included), then constant.
 
-    Returns a list of length ``nepochs``.
+    Returns a list of length ``nepochs`` (empty for 0).
+
+    Raises:
+        ValueError, TypeError: a negative or non-integer epoch count, more warm-up than epochs, or a
+            temperature that is not a finite number > 0 (each naming the argument).
     """
+    check_positive_float("warmup_teacher_temp", _plain(warmup_teacher_temp))
+    check_positive_float("teacher_temp", _plain(teacher_temp))
+    check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, 0)
+    check_int("nepochs", nepochs, 0)
     if warmup_teacher_temp_epochs > nepochs:
         raise ValueError(
             f"warmup_teacher_temp_epochs={warmup_teacher_temp_epochs} exceeds nepochs={nepochs}; "
@@ -86,6 +105,22 @@ def teacher_temp_schedule(
     warmup = np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
     rest = np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
     return [float(v) for v in np.concatenate((warmup, rest))]
+
+
+def _check_per_step(name: str, values: Any, low: float, high: float) -> None:
+    """``values``: a 1-D array-like of finite numbers in ``[low, high]``, one per optimizer step."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} is a {type(values).__name__}, expected a 1-D array of numbers, "
+                        "one per optimizer step") from err
+    if array.ndim != 1:
+        raise ValueError(f"{name} has shape {array.shape}, expected a 1-D array, one value per optimizer step")
+    bad = np.flatnonzero(~(np.isfinite(array) & (array >= low) & (array <= high)))
+    if bad.size:
+        i = int(bad[0])
+        bounds = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ValueError(f"{name}[{i}]={float(array[i])!r}, expected a finite number {bounds}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +143,9 @@ class DINOSchedules:
     momentum: np.ndarray
 
     def __post_init__(self) -> None:
+        _check_per_step("lr", self.lr, 0.0, math.inf)
+        _check_per_step("weight_decay", self.weight_decay, 0.0, math.inf)
+        _check_per_step("momentum", self.momentum, 0.0, 1.0)
         lengths = {len(self.lr), len(self.weight_decay), len(self.momentum)}
         if len(lengths) != 1 or 0 in lengths:
             raise ValueError(
@@ -132,7 +170,7 @@ class DINOSchedules:
 
         Args:
             lr: the peak learning rate, reached after the linear warm-up (official: ``--lr`` scaled
-                by the total batch size / 256).
+                by the total batch size / 256); finite, >= 0, like the next three.
             min_lr: where the cosine ends.
             warmup_steps: linear warm-up from 0 (clamped to ``total_steps``).
             weight_decay: where the weight-decay cosine starts (no warm-up).
@@ -144,7 +182,7 @@ class DINOSchedules:
         warmup_steps = min(check_int("warmup_steps", warmup_steps, 0), total_steps)
         for name, value in (("lr", lr), ("min_lr", min_lr), ("weight_decay", weight_decay),
                             ("weight_decay_end", weight_decay_end)):
-            check_float(name, value)
+            check_float(name, value, low=0.0)
         check_probability("momentum_teacher", momentum_teacher)
         check_probability("final_momentum", final_momentum)
         return cls(
