@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .validate import check_int, check_positive_ints
+from .validate import check_bool, check_int, check_positive_ints
 
 
 class ResumableSampler(Sampler[int]):
@@ -25,8 +25,12 @@ class ResumableSampler(Sampler[int]):
 
     def __init__(self, dataset_size: int, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True) -> None:
-        batch_size, world_size = check_positive_ints(batch_size=batch_size, world_size=world_size)
+        dataset_size, batch_size, world_size = check_positive_ints(
+            dataset_size=dataset_size, batch_size=batch_size, world_size=world_size
+        )
         rank = check_int("rank", rank, 0)
+        seed = check_int("seed", seed)
+        shuffle = check_bool("shuffle", shuffle)
         if rank >= world_size:
             raise ValueError(f"rank={rank!r}, expected an int < world_size={world_size}")
         if dataset_size < batch_size * world_size:
@@ -43,9 +47,18 @@ class ResumableSampler(Sampler[int]):
         return self.dataset_size // (self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Next iteration yields ``epoch``'s indices from batch ``start_batch`` on."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch={start_batch}, expected 0..{self.batches_per_epoch}")
+        """Next iteration yields ``epoch``'s indices from batch ``start_batch`` on.
+
+        ``epoch``: an int >= 0 (the yielded keys ``epoch * dataset_size + index`` are then >= 0);
+        ``start_batch``: an int in ``[0, batches_per_epoch]``.
+        """
+        epoch = check_int("epoch", epoch, 0)
+        start_batch = check_int("start_batch", start_batch, 0)
+        if start_batch > self.batches_per_epoch:
+            raise ValueError(
+                f"start_batch={start_batch}, expected an int in [0, {self.batches_per_epoch}] "
+                "(batches per epoch)"
+            )
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[int]:

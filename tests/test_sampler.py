@@ -81,7 +81,7 @@ def test_sample_seed_is_the_seeded_transforms_and_keys_come_back():
 
 def rank_batches(world_size: int, batch: int, num_workers: int, transform) -> list[dict[int, torch.Tensor]]:
     """Per step, {key: item} over every rank's batch of a DataLoader over SeededTransform(return_key)."""
-    data = [(torch.full((1, 6, 6), float(i)), i) for i in range(40)]
+    data = [(torch.full((1, 6, 6), i / 40), i) for i in range(40)]  # floats in [0, 1], as BatchedMultiCrop takes
     steps: list[dict[int, torch.Tensor]] = []
     for rank in range(world_size):
         sampler = ResumableSampler(len(data), batch, seed=1, rank=rank, world_size=world_size)
