@@ -44,6 +44,11 @@ def list_models() -> list[str]:
 def _torchvision_model(name: str, **kwargs: Any) -> nn.Module:
     import torchvision.models
 
+    if "in_chans" in kwargs:
+        raise TypeError(
+            f"create_model({name!r}, in_chans={kwargs['in_chans']!r}): torchvision's {name} takes no in_chans "
+            f"(its conv1 takes 3 channels); expected 'timm:{name}' for another channel count, or 3-channel images"
+        )
     kwargs.setdefault("weights", None)
     return getattr(torchvision.models, name)(**kwargs)
 

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..validate import check_float, check_int, check_positive_float, check_positive_int, check_positive_ints
+from ..validate import (
+    check_bool,
+    check_float,
+    check_int,
+    check_positive_float,
+    check_positive_int,
+    check_positive_ints,
+)
 
 
 def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tensor:
@@ -184,15 +191,21 @@ class VisionTransformer(nn.Module):
         embed_dim: token width D.
         depth: number of transformer blocks.
         num_heads: attention heads per block.
-        mlp_ratio: hidden width of each block's MLP, as a multiple of ``embed_dim``.
+        mlp_ratio: hidden width of each block's MLP, as a multiple of ``embed_dim`` (at least one unit).
         qkv_bias: a bias in the query/key/value projection.
-        qk_scale: attention logit scale; defaults to ``head_dim ** -0.5``.
+        qk_scale: attention logit scale, a number >= 0; None or 0 (official ``qk_scale or ...``) give
+            ``head_dim ** -0.5``.
         num_classes: 0 gives ``head = Identity`` (DINO backbones); > 0 a Linear classifier.
         drop_rate: dropout on tokens.
         attn_drop_rate: dropout on attention probabilities.
         drop_path_rate: stochastic depth of the last block; block i gets ``i / (depth-1)`` of it.
         norm_layer: ``norm_layer(dim)`` builds each LayerNorm. The class default is
             ``nn.LayerNorm`` (eps 1e-5) as official; :func:`vit_small` & co. use eps 1e-6.
+
+    Raises:
+        TypeError, ValueError: on a bad argument, naming it and the value given; the forwards on an
+            input that is not a floating-point (B, in_chans, H, W) tensor at least ``patch_size`` on
+            each side.
 
     Shapes:
         forward: (B, C, H, W) -> (B, D) final-normed CLS token (``head`` applied: (B, num_classes)
@@ -230,6 +243,20 @@ class VisionTransformer(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         mlp_ratio = check_positive_float("mlp_ratio", mlp_ratio)
+        if int(embed_dim * mlp_ratio) < 1:
+            raise ValueError(
+                f"mlp_ratio={mlp_ratio!r} gives an MLP of int({embed_dim} * {mlp_ratio!r}) = 0 hidden units, "
+                f"expected mlp_ratio >= 1 / embed_dim = {1 / embed_dim:.3g}"
+            )
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
+        if qk_scale is not None:
+            # 0 keeps the official meaning (`qk_scale or head_dim ** -0.5`): the default scale.
+            qk_scale = check_float("qk_scale", qk_scale, low=0.0, what="None or a finite number >= 0")
+        if isinstance(norm_layer, nn.Module) or not callable(norm_layer):
+            raise TypeError(
+                f"norm_layer={norm_layer!r}, expected a callable that builds a norm layer from the width, "
+                "e.g. nn.LayerNorm or partial(nn.LayerNorm, eps=1e-6) (a class, not a module instance)"
+            )
         # Dropout and stochastic depth rescale by 1 / (1 - rate): every rate is below 1.
         drop_rate, attn_drop_rate, drop_path_rate = (
             check_float(name, value, low=0.0, high=1.0, high_open=True, what="a probability in [0, 1)")
@@ -292,6 +319,8 @@ class VisionTransformer(nn.Module):
             raise TypeError(f"x is a {type(x).__name__}, expected a (B, C, H, W) tensor")
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {self.in_chans}, H, W)")
+        if not x.is_floating_point():
+            raise TypeError(f"x has dtype {x.dtype}, expected floating-point images (normalised floats)")
         if min(x.shape[-2:]) < self.patch_size:
             raise ValueError(f"x has spatial size {tuple(x.shape[-2:])}, smaller than patch_size={self.patch_size}")
 
