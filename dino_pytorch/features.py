@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .validate import is_int
 from .wrapper import backbone_tensor
 
 CLASSIFIER_NAMES = ("fc", "head", "heads", "classifier")
@@ -198,12 +199,35 @@ def first_conv_channels(module: nn.Module) -> Optional[int]:
     return None
 
 
+def check_input_size(name: str, value: Any) -> Optional[tuple[int, int, int]]:
+    """None, or a ``(C, H, W)`` image size of three positive ints (returned as a tuple).
+
+    Raises TypeError for anything but three ints (``28``, ``(28, 28)``, ``(1.0, 28, 28)``) and
+    ValueError for a size below 1, each naming ``name`` and the value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3 or not all(
+        map(is_int, value)
+    ):
+        raise TypeError(f"{name}={value!r}, expected a (C, H, W) image size: three positive ints")
+    if min(value) < 1:
+        raise ValueError(f"{name}={value!r}, expected a (C, H, W) image size: three positive ints")
+    channels, height, width = (int(v) for v in value)
+    return channels, height, width
+
+
 def infer_feature_dim(features: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
     """Width D of ``features``' output, from a dummy forward of two (C, H, W) inputs.
 
     ``input_size`` defaults to (C, 224, 224) with C the first Conv2d's input channels (3 without
     one). The forward runs in eval mode under no_grad, so BatchNorm statistics are not touched.
+
+    Raises:
+        TypeError, ValueError: ``input_size`` is not three positive ints (:func:`check_input_size`).
+        ValueError: the dummy forward failed (its error quoted).
     """
+    input_size = check_input_size("input_size", input_size)
     if input_size is None:
         input_size = (first_conv_channels(features) or 3, 224, 224)
     param = next(features.parameters(), None)
