@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -119,8 +119,12 @@ class MultiCropWrapper(nn.Module):
             )
 
     def forward(
-        self, views: Union[Tensor, Sequence[Tensor]], return_backbone_feats: bool = False
+        self, views: Union[Tensor, Sequence[Tensor]], return_backbone_feats: bool = False, bottleneck: bool = False
     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """Head output of all views; ``bottleneck=True`` stops before a :class:`DINOHead`'s last layer
+        (``head.forward_bottleneck``), for a loss that applies it itself. Through this forward, so
+        that DistributedDataParallel sees the call either way."""
         feats = self.forward_backbone(views)
-        out = self.head(feats)
+        head: Any = self.head  # a DINOHead, or any module when bottleneck=False
+        out = head.forward_bottleneck(feats) if bottleneck else head(feats)
         return (out, feats) if return_backbone_feats else out
