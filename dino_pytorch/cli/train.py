@@ -140,7 +140,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 teacher_temp=args.teacher_temp, warmup_teacher_temp=args.warmup_teacher_temp,
                 warmup_teacher_temp_epochs=min(args.warmup_teacher_temp_epochs, epochs), nepochs=epochs,
                 schedules=build_schedules(args, total_steps, warmup_steps, world_size),
-                koleo_weight=args.koleo_weight).to(device)
+                koleo_weight=args.koleo_weight, fused_head_loss=args.fused_head_loss).to(device)
     config["head"] = dict(in_dim=dino.student.head.in_dim, nlayers=3, **head)
     if args.channels_last:
         dino.to(memory_format=torch.channels_last)  # 4-D weights of student and teacher

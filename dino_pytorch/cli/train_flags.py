@@ -89,6 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--koleo_weight", default=0.0, type=float,
                    help="DINOv2's KoLeo regulariser on each global view's student features (0: off; DINOv2: 0.1)")
     p.add_argument("--bottleneck_dim", default=256, type=int)
+    p.add_argument("--fused_head_loss", default=False, type=bool_flag,
+                   help="apply the head's last layer inside the loss, block by block: the (views*B, out_dim) student "
+                        "logits never exist at once (~0.16x the peak memory of head + loss at out_dim 65536)")
     p.add_argument("--attention_maps", default=4, type=int, help="ViT only: attention PNGs of N test images at the end")
     p.add_argument("--no_progress", action="store_true", help="plain log lines instead of a tqdm bar")
     p.add_argument("--tensorboard", action="store_true",
