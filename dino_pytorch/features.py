@@ -199,22 +199,22 @@ def first_conv_channels(module: nn.Module) -> Optional[int]:
     return None
 
 
-def check_input_size(name: str, value: Any) -> Optional[tuple[int, int, int]]:
-    """None, or a ``(C, H, W)`` image size of three positive ints (returned as a tuple).
+def check_input_size(name: str, value: Any) -> Optional[tuple[int, ...]]:
+    """None, or the per-sample input shape of a dummy forward: positive ints, ``(C, H, W)`` for
+    images (``(D,)`` for a backbone on vectors), returned as a tuple.
 
-    Raises TypeError for anything but three ints (``28``, ``(28, 28)``, ``(1.0, 28, 28)``) and
+    Raises TypeError for anything but a non-empty sequence of ints (``28``, ``(1.0, 28, 28)``) and
     ValueError for a size below 1, each naming ``name`` and the value.
     """
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3 or not all(
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or not all(
         map(is_int, value)
     ):
-        raise TypeError(f"{name}={value!r}, expected a (C, H, W) image size: three positive ints")
+        raise TypeError(f"{name}={value!r}, expected the per-sample input shape, e.g. (C, H, W): positive ints")
     if min(value) < 1:
-        raise ValueError(f"{name}={value!r}, expected a (C, H, W) image size: three positive ints")
-    channels, height, width = (int(v) for v in value)
-    return channels, height, width
+        raise ValueError(f"{name}={value!r}, expected the per-sample input shape, e.g. (C, H, W): positive ints")
+    return tuple(int(v) for v in value)
 
 
 def infer_feature_dim(features: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
@@ -224,7 +224,7 @@ def infer_feature_dim(features: nn.Module, input_size: Optional[Sequence[int]] =
     one). The forward runs in eval mode under no_grad, so BatchNorm statistics are not touched.
 
     Raises:
-        TypeError, ValueError: ``input_size`` is not three positive ints (:func:`check_input_size`).
+        TypeError, ValueError: ``input_size`` is not a shape of positive ints (:func:`check_input_size`).
         ValueError: the dummy forward failed (its error quoted).
     """
     input_size = check_input_size("input_size", input_size)
