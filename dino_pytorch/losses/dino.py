@@ -125,9 +125,11 @@ class DINOLoss(TeacherTargets):
 
         Args:
             bottleneck: (V*B, D) crop-major L2-normalised features (``DINOHead.forward_bottleneck``).
-            weight_v: (K, D) direction of the last layer. weight_g: (K, 1) its gain.
+            weight_v: (K, D) direction of the last layer.
+            weight_g: (K, 1) gain of the last layer.
             teacher_output: (T*B, K) crop-major teacher logits.
-            epoch, teacher_temp: as :meth:`forward`.
+            epoch: as :meth:`forward`.
+            teacher_temp: as :meth:`forward`.
             num_teacher_views: T.
         """
         num_teacher_views = check_positive_int("num_teacher_views", num_teacher_views)

@@ -156,7 +156,9 @@ def cross_entropy(
     Args:
         logits: (V*B, K) crop-major logits, any floating dtype.
         teacher: (T, B, K) targets; no gradient flows into them.
-        temp: tau_s. coef: the normaliser. weights: (V*B,) per-row weights, or None for 1.
+        temp: tau_s.
+        coef: the normaliser.
+        weights: (V*B,) per-row weights, or None for 1.
         skip_own: leave out teacher view i for student view i (DINO), or pair row r with teacher row
             r alone (iBOT: V = T = 1).
         engine: an engine object; None chooses one for ``logits``.
