@@ -93,16 +93,24 @@ def test_cpu_probe_is_real_cached_and_agrees_with_onednn():
     assert native_precision("bf16", "cpu") == (cpu_slowdown("bf16") <= precision.NATIVE_MAX_SLOWDOWN)
 
 
-def test_onednn_capped_at_avx2_is_not_native():
-    # How the developers' AVX2 machines are emulated here: the probe must see what runs, not the CPU flags.
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return  # the variables are oneDNN's x86 instruction-set caps
-    code = ("from dino_pytorch.precision import cpu_slowdown, resolve_precision; "
-            "print(cpu_slowdown('bf16'), cpu_slowdown('fp16'), resolve_precision('auto', 'cpu'))")
+def test_probe_follows_what_onednn_runs_not_the_cpu_flags():
+    # A process started with oneDNN's instruction set capped at AVX2 (how the developers' AVX2 machines
+    # are emulated): its probe must take oneDNN's answer in that process, whatever the CPU's flags say.
+    # Both variables are x86 names, which oneDNN elsewhere ignores: there the capped process must
+    # agree with oneDNN all the same, and bf16 is then native only if this CPU has it.
+    code = ("import torch; from dino_pytorch.precision import cpu_slowdown, resolve_precision; "
+            "q = torch.ops.mkldnn; print(torch.backends.mkldnn.is_available() and q._is_mkldnn_bf16_supported(), "
+            "torch.backends.mkldnn.is_available() and q._is_mkldnn_fp16_supported(), "
+            "cpu_slowdown('bf16'), cpu_slowdown('fp16'), resolve_precision('auto', 'cpu'))")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert out.split() == ["inf", "inf", "fp32"]
+                         timeout=120, check=True).stdout.split()
+    bf16_supported, fp16_supported = out[0] == "True", out[1] == "True"
+    bf16, fp16, auto = float(out[2]), float(out[3]), out[4]
+    assert (bf16 == float("inf")) == (not bf16_supported) and (fp16 == float("inf")) == (not fp16_supported)
+    assert auto == ("bf16" if bf16 <= precision.NATIVE_MAX_SLOWDOWN else "fp32")
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert out == ["False", "False", "inf", "inf", "fp32"]  # AVX2 has neither bf16 nor fp16 units
 
 
 def flags(requested, use_fp16=True):
