@@ -139,7 +139,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # A tensor, not .item(): no host sync, and the Triton kernel reads it on the device.
             scale = grad_loss.to(teacher.dtype) * (ctx.coef / ctx.temp)
             if weights is not None:
-                scale = scale * weights.to(teacher.dtype)
+                scale = scale * weights
             if torch.is_grad_enabled():  # create_graph=True
                 grad = _differentiable_grad(logits, teacher, scale, ctx.temp, ctx.skip_own)
             else:
@@ -169,6 +169,8 @@ def cross_entropy(
     """
     engine = engine_for(logits) if engine is None else engine
     teacher = teacher.detach().to(compute_dtype(logits.dtype))
+    if weights is not None:  # constants, like the targets, in the compute dtype
+        weights = weights.detach().to(teacher.dtype)
     loss, lse, entropy = CrossEntropyFunction.apply(
         logits, teacher, weights, float(temp), skip_own, float(coef), engine, return_stats
     )
