@@ -129,11 +129,14 @@ def test_channels_last_and_bf16_on_cpu_train_close_to_fp32(tmp_path):
         names = [n for n in state[key] if n.startswith(prefix) and state[key][n].is_floating_point()]
         return torch.cat([(state[key][n] - start[key][n]).flatten() for n in names])
 
-    # bf16 rounds activations to 8 bits of mantissa: measured 1.1% on the whole update, 9% on the
-    # (small) backbone part, whose gradients pass through more bf16 layers.
+    # bf16 rounds activations to 8 bits of mantissa; how much of that reaches the update depends on
+    # the CPU's bf16 kernels. Measured over seeds 0-5, on the whole update / on the (small) backbone
+    # part, whose gradients pass through more bf16 layers: AVX-512 BF16 0.5-1.2% / 0.3-0.6%, AVX2
+    # emulation (no native bf16) 0.3-1.3% / 0.3-0.6%; an AMX CPU gave 1.1% / 9% (seed 0). The bounds
+    # leave the AMX numbers 2-3x to spare. An fp32 run with channels_last alone differs by 4e-6
+    # (2.4e-5 on the backbone), so more than 1e-3 shows that bf16 ran.
     for key, prefix, tolerance in (("student", "", 0.03), ("teacher", "", 0.03), ("student", "backbone.", 0.2)):
         moved_a, moved_b = updates(a, key, prefix), updates(b, key, prefix)
         error = (moved_a - moved_b).norm() / moved_a.norm()
         assert moved_a.norm() > 0.1, f"{key}.{prefix}* barely moved: the comparison would be empty"
-        assert error <= tolerance, f"{key}.{prefix}*: relative difference of the updates {error:.3f}"
-        assert error > 0  # bf16 really ran
+        assert 1e-3 < error <= tolerance, f"{key}.{prefix}*: relative difference of the updates {error:.4f}"
