@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .checkpoint import make_official_checkpoint
 from .diagnostics import collapse_metrics
-from .features import as_feature_extractor, feature_dim_hint, first_conv_channels, infer_feature_dim
+from .features import as_feature_extractor, check_input_size, feature_dim_hint, infer_feature_dim
 from .head import DINOHead
 from .koleo import KoLeoLoss
 from .losses import DINOLoss
@@ -139,19 +139,15 @@ class DINO(nn.Module):
                                    total_steps=total_steps)
         self.fused_head_loss = check_bool("fused_head_loss", fused_head_loss)
         features = as_feature_extractor(backbone)
-        # Input channels, to name a mismatch before the backbone's first conv fails on it.
-        self.in_chans: Optional[int] = input_size[0] if input_size is not None else first_conv_channels(features)
-        if embed_dim is None:
-            try:
-                embed_dim = infer_feature_dim(features, input_size)
-            except ValueError:
-                embed_dim = feature_dim_hint(backbone)
-                if embed_dim is None:
-                    raise
+        size = check_input_size("input_size", input_size)
+        embed_dim = self._feature_dim(backbone, features, embed_dim, size)
         head = DINOHead(embed_dim, out_dim, use_bn=use_bn, norm_last_layer=norm_last_layer,
                         nlayers=nlayers, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
         self.num_global_views = num_global_views
-        self.student = MultiCropWrapper(features, head)
+        # Input channels, read after the dummy forward (which materialises lazy convs): the wrapper
+        # names a mismatch before the backbone's first conv fails on it.
+        in_chans = size[0] if size is not None and len(size) == 3 else None
+        self.student = MultiCropWrapper(features, head, in_chans=in_chans)
         self.teacher = EMATeacher(
             self.student, momentum=0.996 if momentum_teacher is None else momentum_teacher,
             final_momentum=1.0 if final_momentum is None else final_momentum, total_steps=total_steps,
@@ -182,6 +178,26 @@ class DINO(nn.Module):
     _student_forward: Callable[..., Any]
     _teacher_forward: Callable[..., Any]
 
+    @staticmethod
+    def _feature_dim(backbone: nn.Module, features: nn.Module, embed_dim: Optional[int],
+                     size: Optional[tuple[int, ...]]) -> int:
+        """``embed_dim`` checked, or the width a dummy forward gives; without an ``input_size`` a
+        failed forward falls back to the backbone's own width attribute (``embed_dim``, ...)."""
+        if embed_dim is not None:
+            return check_positive_int("embed_dim", embed_dim)
+        try:
+            return infer_feature_dim(features, size)
+        except ValueError:
+            hint = feature_dim_hint(backbone)
+            if hint is None or size is not None:  # an explicit input_size that fails is the user's to fix
+                raise
+            return hint
+
+    @property
+    def in_chans(self) -> Optional[int]:
+        """The channel count the views must have (None: not checked), from ``input_size`` or the backbone."""
+        return self.student.in_chans
+
     @property
     def backbone(self) -> nn.Module:
         """The student's feature extractor (shares its parameters with the backbone you gave)."""
@@ -211,13 +227,6 @@ class DINO(nn.Module):
             raise ValueError(
                 f"views has {len(views)} tensors, expected at least num_global_views={self.num_global_views}"
             )
-        for i, v in enumerate(views):
-            if self.in_chans is not None and isinstance(v, Tensor) and v.ndim == 4 and v.shape[1] != self.in_chans:
-                raise ValueError(
-                    f"views[{i}] has {v.shape[1]} channels, but the backbone takes {self.in_chans}; convert "
-                    f"the images (e.g. MultiCropRecipe mean/std of length {self.in_chans}) or build the "
-                    f"backbone with in_chans={v.shape[1]}"
-                )
         teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
         # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.
         self._last_teacher = (teacher_out.detach(), teacher_temp if teacher_temp is not None

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .schedules import cosine_value
-from .validate import check_choice, check_optional_positive_int, check_probability
+from .validate import check_bool, check_choice, check_optional_positive_int, check_probability
 
 
 def _registries(modules: list[nn.Module]) -> list[dict[str, Any]]:
@@ -100,6 +100,10 @@ class EMATeacher(nn.Module):
         super().__init__()
         if not isinstance(student, nn.Module):
             raise TypeError(f"student is a {type(student).__name__}, expected an nn.Module")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in student.parameters()):
+            raise ValueError("student has uninitialised (lazy) parameters; run one forward pass first, so that "
+                             "the teacher copies real weights")
+        disable_drop_path = check_bool("disable_drop_path", disable_drop_path)
         self.momentum = check_probability("momentum", momentum)
         self.final_momentum = check_probability("final_momentum", final_momentum)
         self.total_steps = check_optional_positive_int("total_steps", total_steps)
@@ -154,6 +158,8 @@ class EMATeacher(nn.Module):
                 :mod:`dino_pytorch.nonfinite`). Read on the device, so no host sync. The schedule
                 position advances either way, as the optimizer's does.
         """
+        if student is not None and not isinstance(student, nn.Module):
+            raise TypeError(f"student is a {type(student).__name__}, expected the nn.Module it was copied from")
         student = cast(nn.Module, self._student) if student is None else student
         m = self.momentum_at(self.step) if momentum is None else check_probability("momentum", momentum)
         plan = self._plan
