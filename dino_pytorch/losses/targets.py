@@ -30,7 +30,13 @@ from ..validate import (
 
 def _logsumexp_all_ranks(x: Tensor, dim: Optional[int]) -> Tensor:
     """logsumexp over ``dim`` (None: everything) and over all ranks' entries along it."""
-    shift = (x.amax() if dim is None else x.amax(dim=dim, keepdim=True)).detach().clone()
+    if x.numel() == 0:
+        # A rank without rows (iBOT: no masked patch in its batch) still joins every collective:
+        # -inf, the identity of the max, stands in for the max that amax() refuses to take.
+        shape = () if dim is None else x.shape[:dim] + (1,) + x.shape[dim + 1:]
+        shift = x.new_full(shape, -math.inf)
+    else:
+        shift = (x.amax() if dim is None else x.amax(dim=dim, keepdim=True)).detach().clone()
     distributed.all_reduce_max(shift)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     total = torch.exp(x - shift)
@@ -44,7 +50,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, num_iterations: 
     """Sinkhorn-Knopp teacher targets, as in DINOv2, in float32, over all ranks' rows.
 
     Args:
-        teacher_logits: (N, K) logits of all teacher views of this rank, any floating dtype.
+        teacher_logits: (N, K) logits of all teacher views of this rank, any floating dtype; N may be
+            0 (the rank still joins the all-reduces, so other ranks' rows are normalised as usual).
         teacher_temp: tau_t > 0.
         num_iterations: alternating prototype/sample normalisations (DINOv2 uses 3).
 
