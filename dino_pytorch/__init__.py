@@ -4,7 +4,7 @@ from .augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
 from .dino import DINO
 from .head import DINOHead
 from .koleo import KoLeoLoss
-from .losses import DINOLoss
+from .losses import DINOLoss, IBOTPatchLoss
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
 from .wrapper import MultiCropWrapper
@@ -16,6 +16,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "EMATeacher",
+    "IBOTPatchLoss",
     "KoLeoLoss",
     "MultiCropRecipe",
     "MultiCropTransform",
