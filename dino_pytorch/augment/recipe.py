@@ -15,6 +15,7 @@ answer to the questions derived from them (view count, output channels, blur pro
 view ``i``, colour-jitter ranges), so the augmenters cannot drift apart.  The defaults are the
 official ``DataAugmentationDINO`` recipe (facebookresearch/dino).  A recipe compares and hashes by
 value, pickles, and ``dataclasses.replace(recipe, local_crops_number=4)`` makes a checked variant.
+The checks of the arguments live in :mod:`~dino_pytorch.augment.recipe_checks`.
 """
 
 from __future__ import annotations
@@ -23,19 +24,26 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, fields
-from typing import Any, NamedTuple, Optional, Union, cast
+from typing import Any, NamedTuple, Optional, cast
 
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from ..validate import check_int, check_number_pair, check_probability, is_int, is_number
+from ..validate import check_int, check_probability, is_int
+from .recipe_checks import (
+    InterpolationLike,
+    JitterLike,
+    ProbsLike,
+    SizeLike,
+    check_interpolation,
+    check_positive_range,
+    check_probs,
+    check_scale,
+    check_size,
+    check_stats,
+    check_strength,
+)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MultiCropRecipe", "ViewSpec", "RecipeAttributes"]
-
-SizeLike = Union[int, Sequence[int]]
-ProbsLike = Union[float, Sequence[float]]
-JitterLike = Union[float, tuple[float, float]]
-InterpolationLike = Union[InterpolationMode, str, int]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,99 +66,7 @@ class ViewSpec(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# checks specific to multi-crop; the general ones come from dino_pytorch.validate
-
-
-def _check_scale(name: str, value: Any) -> tuple[float, float]:
-    lo, hi = check_number_pair(name, value)
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(
-            f"impossible crop scale {name}={value!r}: expected 0 < low <= high <= 1 "
-            "(fractions of the image area)"
-        )
-    return lo, hi
-
-
-def _check_positive_range(name: str, value: Any, what: str) -> tuple[float, float]:
-    lo, hi = check_number_pair(name, value)
-    if not 0.0 < lo <= hi:
-        raise ValueError(f"{name}={value!r}, expected {what} range 0 < low <= high")
-    return lo, hi
-
-
-def _check_size(name: str, value: Any) -> tuple[int, int]:
-    pair = (value, value) if is_int(value) else value
-    expected = "an int or a (height, width) pair of ints"
-    if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2 or not all(map(is_int, pair)):
-        raise TypeError(f"{name}={value!r}, expected {expected}")
-    if not all(v > 0 for v in pair):
-        raise ValueError(f"{name}={value!r}, expected {expected}, all positive")
-    return int(pair[0]), int(pair[1])
-
-
-def _check_probs(name: str, value: Any) -> tuple[float, ...]:
-    """One probability per global view (cycled), or a single one for all of them."""
-    if is_number(value):
-        return (check_probability(name, value, error=TypeError),)
-    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) == 0:
-        raise TypeError(f"{name}={value!r}, expected a probability or a non-empty sequence of probabilities")
-    return tuple(check_probability(f"{name}[{i}]", p, error=TypeError) for i, p in enumerate(value))
-
-
-def _check_strength(name: str, value: Any, center: float, bound: tuple[float, float]) -> JitterLike:
-    """A jitter strength as ColorJitter takes it: ``s`` meaning ``[center - s, center + s]``
-    (clipped to ``bound``), or an explicit ``(low, high)`` range inside ``bound``."""
-    lo_b, hi_b = bound
-    if is_number(value):
-        # Hue is a shift around 0, so its strength may not reach past the colour circle's half.
-        upper = min(center - lo_b, hi_b - center) if center == 0.0 else math.inf
-        if not (0.0 <= value <= upper and math.isfinite(value)):
-            limit = f"in [0, {upper}]" if math.isfinite(upper) else ">= 0 (finite)"
-            raise ValueError(f"{name}={value!r}, expected a strength {limit} or a (low, high) range")
-        return float(value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        lo, hi = check_number_pair(name, value)
-        if not lo_b <= lo <= hi <= hi_b:
-            raise ValueError(f"{name}={value!r}, expected a range {lo_b} <= low <= high <= {hi_b}")
-        return (lo, hi)
-    raise TypeError(f"{name}={value!r}, expected a non-negative number or a (low, high) pair of numbers")
-
-
-def _check_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    for name, value in (("mean", mean), ("std", std)):
-        if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(is_number, value)):
-            raise TypeError(f"{name}={value!r}, expected a sequence of 1 or 3 numbers")
-    if len(mean) != len(std) or len(mean) not in (1, 3):
-        raise ValueError(
-            f"mean={tuple(mean)!r} and std={tuple(std)!r}: expected equal lengths of 1 (greyscale "
-            f"output) or 3 (RGB output), got {len(mean)} and {len(std)}"
-        )
-    if not all(0.0 < s < math.inf for s in std):
-        raise ValueError(f"std={tuple(std)!r}, expected every std finite and > 0")
-    if not all(0.0 <= m <= 1.0 for m in mean):
-        hint = " (0-255 statistics? divide mean and std by 255)" if any(m > 1.0 for m in mean) else ""
-        raise ValueError(
-            f"mean={tuple(mean)!r}, expected every mean in [0, 1], the scale of the images it is "
-            f"subtracted from{hint}"
-        )
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def _check_interpolation(value: Any) -> InterpolationMode:
-    if isinstance(value, InterpolationMode):
-        return value
-    try:
-        if isinstance(value, str):
-            return InterpolationMode(value.lower())
-        if is_int(value):
-            # The official script passes PIL constants such as Image.BICUBIC (== 3).
-            return InterpolationMode[Image.Resampling(value).name]
-    except (ValueError, KeyError):
-        pass
-    names = ", ".join(repr(m.value) for m in InterpolationMode)
-    raise ValueError(
-        f"interpolation={value!r}, expected an InterpolationMode, a PIL resampling constant or one of {names}"
-    )
+# colour-jitter factor ranges
 
 
 def _jitter_range(value: JitterLike, center: float, clip_low: bool) -> Optional[tuple[float, float]]:
@@ -239,21 +155,21 @@ class MultiCropRecipe:
 
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {
-            "global_crops_scale": _check_scale("global_crops_scale", self.global_crops_scale),
-            "local_crops_scale": _check_scale("local_crops_scale", self.local_crops_scale),
+            "global_crops_scale": check_scale("global_crops_scale", self.global_crops_scale),
+            "local_crops_scale": check_scale("local_crops_scale", self.local_crops_scale),
             "local_crops_number": check_int("local_crops_number", self.local_crops_number, 0, error=TypeError),
             "global_crops_number": check_int("global_crops_number", self.global_crops_number, 1, error=TypeError),
-            "global_crop_size": _check_size("global_crop_size", self.global_crop_size),
-            "local_crop_size": _check_size("local_crop_size", self.local_crop_size),
-            "ratio": _check_positive_range("ratio", self.ratio, "an aspect-ratio"),
-            "interpolation": _check_interpolation(self.interpolation),
-            "brightness": _check_strength("brightness", self.brightness, 1.0, (0.0, math.inf)),
-            "contrast": _check_strength("contrast", self.contrast, 1.0, (0.0, math.inf)),
-            "saturation": _check_strength("saturation", self.saturation, 1.0, (0.0, math.inf)),
-            "hue": _check_strength("hue", self.hue, 0.0, (-0.5, 0.5)),
-            "global_blur_probs": _check_probs("global_blur_probs", self.global_blur_probs),
-            "blur_sigma": _check_positive_range("blur_sigma", self.blur_sigma, "a sigma"),
-            "global_solarize_probs": _check_probs("global_solarize_probs", self.global_solarize_probs),
+            "global_crop_size": check_size("global_crop_size", self.global_crop_size),
+            "local_crop_size": check_size("local_crop_size", self.local_crop_size),
+            "ratio": check_positive_range("ratio", self.ratio, "an aspect-ratio"),
+            "interpolation": check_interpolation(self.interpolation),
+            "brightness": check_strength("brightness", self.brightness, 1.0, (0.0, math.inf)),
+            "contrast": check_strength("contrast", self.contrast, 1.0, (0.0, math.inf)),
+            "saturation": check_strength("saturation", self.saturation, 1.0, (0.0, math.inf)),
+            "hue": check_strength("hue", self.hue, 0.0, (-0.5, 0.5)),
+            "global_blur_probs": check_probs("global_blur_probs", self.global_blur_probs),
+            "blur_sigma": check_positive_range("blur_sigma", self.blur_sigma, "a sigma"),
+            "global_solarize_probs": check_probs("global_solarize_probs", self.global_solarize_probs),
         }
         for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "local_blur_prob", "local_solarize_prob"):
             checked[name] = check_probability(name, getattr(self, name), error=TypeError)
@@ -262,7 +178,7 @@ class MultiCropRecipe:
             kind = ValueError if is_int(threshold) else TypeError
             raise kind(f"solarize_threshold={threshold!r}, expected an int in [0, 255]")
         checked["solarize_threshold"] = int(threshold)
-        checked["mean"], checked["std"] = _check_stats(self.mean, self.std)
+        checked["mean"], checked["std"] = check_stats(self.mean, self.std)
         # Frozen: the normalised values go in through object.__setattr__, once, here.
         for name, value in checked.items():
             object.__setattr__(self, name, value)
