@@ -5,6 +5,7 @@ from .dino import DINO
 from .head import DINOHead
 from .koleo import KoLeoLoss
 from .losses import DINOLoss, IBOTPatchLoss
+from .masking import BlockMasking
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
 from .wrapper import MultiCropWrapper
@@ -12,6 +13,7 @@ from .wrapper import MultiCropWrapper
 __all__ = [
     "__version__",
     "BatchedMultiCrop",
+    "BlockMasking",
     "DINO",
     "DINOHead",
     "DINOLoss",
