@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dino_pytorch import DINOLoss
-from dino_pytorch.ops import sinkhorn_knopp
+from dino_pytorch.losses import sinkhorn_knopp
 
 K = 33
 BATCHES = (3, 5)  # unequal per-rank batch sizes
