@@ -1,4 +1,4 @@
-"""Backbones by name: the ViT family, the small ConvNet, torchvision ResNets and any timm model.
+"""Backbones by name: the ViT families (v1, DINOv2), the small ConvNet, torchvision ResNets and any timm model.
 
 Nothing here downloads: torchvision models are built with ``weights=None`` and timm models with
 ``pretrained=False`` unless the caller passes otherwise.
@@ -10,6 +10,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .convnet import ConvNet
+from .dinov2_vit import dinov2_vit_base, dinov2_vit_large, dinov2_vit_small
 from .vision_transformer import vit_base, vit_small, vit_tiny
 
 TIMM_PREFIX = "timm:"
@@ -32,6 +33,9 @@ _BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
+    "dinov2_vit_small": dinov2_vit_small,
+    "dinov2_vit_base": dinov2_vit_base,
+    "dinov2_vit_large": dinov2_vit_large,
     "convnet": ConvNet,
 }
 
@@ -72,6 +76,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the backbone called ``name`` with ``kwargs`` passed to its constructor.
 
     ``vit_tiny`` / ``vit_small`` / ``vit_base`` (e.g. ``patch_size=8, in_chans=1, img_size=28``),
+    ``dinov2_vit_small`` / ``dinov2_vit_base`` / ``dinov2_vit_large`` (DINOv2's keywords, e.g.
+    ``num_register_tokens=4, init_values=1.0``),
     ``convnet`` (:class:`ConvNet`), the torchvision ResNets of :func:`list_models` (the model as
     torchvision builds it, ``fc`` included: :mod:`dino_pytorch.features` takes its features), or
     ``"timm:<name>"`` for any timm model.
