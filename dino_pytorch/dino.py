@@ -1,20 +1,18 @@
 """DINO: the three-line path. Glue over the five modules; it holds no logic they don't."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, cast
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import make_official_checkpoint
 from .diagnostics import collapse_metrics
+from .dino_recipe import DINORecipe
 from .features import as_feature_extractor, check_input_size, feature_dim_hint, infer_feature_dim
 from .head import DINOHead
 from .koleo import KoLeoLoss
 from .losses import DINOLoss
-from .optim import cancel_gradients_, clip_gradients_, get_params_groups, set_schedules
 from .schedules import DINOSchedules
 from .teacher import EMATeacher
 from .validate import check_bool, check_float, check_positive_int
@@ -32,7 +30,7 @@ def _check_one_momentum_source(schedules: Optional[DINOSchedules], **scalars: Op
                          "expected one or the other (DINOSchedules.official(..., momentum_teacher=...))")
 
 
-class DINO(nn.Module):
+class DINO(DINORecipe, nn.Module):
     """DINO self-distillation around any backbone.
 
     >>> dino = DINO(backbone, out_dim=65536)                      # build
@@ -261,11 +259,6 @@ class DINO(nn.Module):
             probs = self.criterion.teacher_probs(list(logits.float().chunk(self.num_global_views)), temp)
             return collapse_metrics(torch.cat(probs), self.criterion.center, self._last_loss)
 
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken so far (teacher updates): the schedules' position, saved with the state."""
-        return self.teacher.step
-
     def update_teacher(self, momentum: Optional[float] = None) -> float:
         """Once per optimizer step: EMA of the teacher and the centre update. Returns the momentum.
 
@@ -310,82 +303,3 @@ class DINO(nn.Module):
         points and before saving, and stop there; on the CPU it is free, every step.
         """
         return self.criterion.nonfinite.first_report(kept="the centre, the teacher and the optimizer were")
-
-    # -- the official recipe, one helper each -----------------------------------------------------
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The official optimizer groups of the student: weight-decayed, and not (biases, 1-D)."""
-        return get_params_groups(self.student)
-
-    def apply_schedules(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Set this step's lr (every group) and weight decay (group 0), as official; returns the values.
-
-        Needs ``schedules``. Call before ``optimizer.step()``; :meth:`update_teacher` then advances
-        the step.
-        """
-        if self.schedules is None:
-            raise ValueError("schedules=None: build DINO with schedules=DINOSchedules.official(...) to apply them")
-        values = self.schedules.at(self.step)
-        set_schedules(optimizer, values["lr"], values["weight_decay"])
-        return values
-
-    def clip_gradients_(self, clip: float) -> list[Tensor]:
-        """Official per-parameter clip of the student's gradients to norm ``clip`` (no host sync)."""
-        return clip_gradients_(self.student.parameters(), clip)
-
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        """The student's prototype parameters, to freeze in the first epoch (official trick)."""
-        head: Any = self.student.head
-        return head.last_layer_parameters()
-
-    def cancel_last_layer_gradients_(self) -> None:
-        """Drop the prototypes' gradients (official ``--freeze_last_layer``: call while epoch < N)."""
-        cancel_gradients_(self.last_layer_parameters())
-
-    def distribute(self, device_ids: Optional[Sequence[int]] = None, sync_batchnorm: bool = True) -> DINO:
-        """Wrap the student in DistributedDataParallel (needs an initialised process group).
-
-        With ``sync_batchnorm`` the BatchNorm layers of the student and the teacher become
-        SyncBatchNorm, as official; that needs CUDA, so on the CPU they stay per rank.
-        """
-        on_cuda = any(p.is_cuda for p in self.student.parameters())  # the model's device, not the machine's
-        if sync_batchnorm and on_cuda and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()
-        ):
-            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            self.teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.module)
-        ddp = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
-        object.__setattr__(self, "_student_forward", ddp)
-        return self
-
-    def no_sync(self, skip: bool = True) -> contextlib.AbstractContextManager[object]:
-        """DDP's ``no_sync`` while ``skip`` (micro-batches before the last of an accumulation)."""
-        ddp = self._student_forward
-        if skip and isinstance(ddp, nn.parallel.DistributedDataParallel):
-            return ddp.no_sync()
-        return contextlib.nullcontext()
-
-    def compile_forwards(self, **compile_kwargs: Any) -> DINO:
-        """``torch.compile`` the student (DDP included) and teacher forwards; weights stay shared."""
-        object.__setattr__(self, "_student_forward", torch.compile(self._student_forward, **compile_kwargs))
-        object.__setattr__(self, "_teacher_forward", torch.compile(self._teacher_forward, **compile_kwargs))
-        return self
-
-    # -- resume in the official file layout ---------------------------------------------------------
-    def official_checkpoint(
-        self, optimizer: Any, epoch: int, fp16_scaler: Any = None, args: Any = None, **extra: Any
-    ) -> dict[str, Any]:
-        """The official ``main_dino.py`` checkpoint dict, plus ``step`` (see :meth:`load_official_checkpoint`)."""
-        return make_official_checkpoint(self.student, self.teacher.module, optimizer, epoch, self.criterion,
-                                        fp16_scaler, args, step=self.step, **extra)
-
-    def load_official_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restore student, teacher, centre and step from an :meth:`official_checkpoint` dict.
-
-        Official files hold no ``step``: the step then stays as it is (set ``dino.teacher.step``
-        to resume their schedules at the right position).
-        """
-        self.student.load_state_dict(checkpoint["student"])
-        self.teacher.module.load_state_dict(checkpoint["teacher"])
-        self.criterion.load_state_dict(checkpoint["dino_loss"])
-        if "step" in checkpoint:
-            self.teacher.step = int(checkpoint["step"])

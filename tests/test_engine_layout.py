@@ -18,8 +18,8 @@ def sources() -> dict[str, str]:
 
 def test_the_only_torch_compile_call_is_compile_forwards():
     calls = {name: len(re.findall(r"torch\.compile\(", text)) for name, text in sources().items()}
-    assert {name: n for name, n in calls.items() if n} == {"dino.py": 2}  # the student and the teacher forward
-    text = sources()["dino.py"]
+    assert {name: n for name, n in calls.items() if n} == {"dino_recipe.py": 2}  # the student and teacher forward
+    text = sources()["dino_recipe.py"]
     body = text[text.index("def compile_forwards"):text.index("# -- resume in the official file layout")]
     assert body.count("torch.compile(") == 2
 
