@@ -9,8 +9,12 @@ normalised (ints as ``int``, numbers as ``float``) so callers store what the che
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Collection, Sequence
-from typing import Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -125,3 +129,32 @@ def check_number_pair(name: str, value: Any, *, error: type = TypeError) -> tupl
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name}={value!r}, expected a (low, high) pair of finite numbers")
     return lo, hi
+
+
+def check_path(name: str, value: Any) -> str:
+    """A file path: a ``str`` or an ``os.PathLike`` (``pathlib.Path``) naming one; returned as a str."""
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+        if isinstance(path, str):
+            return path
+    elif isinstance(value, str):
+        return value
+    raise TypeError(f"{name}={value!r}, expected a str or os.PathLike path")
+
+
+def check_device(name: str, value: Any) -> torch.device:
+    """A ``torch.device``, or what ``torch.device()`` parses (``"cpu"``, ``"cuda:1"``, a CUDA index):
+    the device itself, so a misspelt one is named before any work starts. Whether the device is
+    present is not checked here."""
+    import torch
+
+    if isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str) and not is_int(value):
+        raise TypeError(f"{name}={value!r}, expected a torch.device or a device string such as 'cpu' or 'cuda:0'")
+    try:
+        return torch.device(value if isinstance(value, str) else int(value))
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"{name}={value!r}, expected a torch.device or a device string such as 'cpu', 'cuda', 'cuda:0' or 'mps'"
+        ) from None
