@@ -36,6 +36,7 @@ from .safe_load import (
     refused_global,
     strip_prefixes,
 )
+from .validate import check_path
 
 __all__ = [
     "OFFICIAL_GLOBALS", "CheckpointError", "PathLike", "check_fit", "load_checkpoint", "load_into",
@@ -65,9 +66,9 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
     process dies before the rename, ``path`` still holds its previous content (a crash may leave
     a ``.<name>.tmp-*`` file behind, never a corrupt ``path``).
     """
+    path = check_path("path", path)
     if not isinstance(state, Mapping):
         raise TypeError(f"state is a {type(state).__name__}, expected a dict of checkpoint entries")
-    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"save_checkpoint: the directory {directory!r} of path={path!r} does not exist")

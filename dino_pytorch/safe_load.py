@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .head import _OFFICIAL_TO_PARAMETRIZED
+from .validate import check_bool, check_device, check_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -84,6 +85,57 @@ def _refusal_reason(err: BaseException) -> Optional[str]:
     return reason.split(". Please use")[0][:200] or "unsupported pickle content"
 
 
+# ------------------------------------------------------------------------------------ arguments
+
+_MAP_LOCATIONS = "a torch.device, a device string ('cpu', 'cuda:0'), a dict of location tags, a callable or None"
+
+
+def _present(name: str, value: Any) -> None:
+    """A device ``torch.load`` can put storages on here; the CUDA ones are looked up (no sync)."""
+    device = check_device(name, value)
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name}={value!r}, but CUDA is not available here: expected 'cpu' or a present device")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}={value!r}, but there are {torch.cuda.device_count()} CUDA devices: expected "
+                         f"an index below {torch.cuda.device_count()}")
+
+
+def check_map_location(value: Any) -> Any:
+    """``map_location`` as ``torch.load`` takes it, checked before the file is read, so that a bad
+    one is named rather than reported as a corrupt file; returned unchanged."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, dict):
+        for key, target in value.items():
+            if not isinstance(key, str) or not isinstance(target, (str, torch.device)):
+                raise TypeError(f"map_location={value!r}, expected a dict from location tags to device strings "
+                                "('cuda:1': 'cpu')")
+            _present(f"map_location[{key!r}]", target)
+        return value
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"map_location={value!r}, expected {_MAP_LOCATIONS}")
+    _present("map_location", value)
+    return value
+
+
+def _check_read_args(path: Any, trusted: bool, map_location: Any) -> str:
+    """The arguments every reader shares, checked before the file is opened; returns the path."""
+    path = check_path("path", path)
+    check_bool("trusted", trusted)
+    check_map_location(map_location)
+    return path
+
+
+def _check_module(name: str, module: Any, *, optional: bool = False) -> None:
+    if not (isinstance(module, nn.Module) or (optional and module is None)):
+        expected = "an nn.Module or None" if optional else "an nn.Module"
+        raise TypeError(f"{name} is a {type(module).__name__}, expected {expected}")
+
+
+# ----------------------------------------------------------------------------------------- load
+
 def _torch_load(path: str, map_location: Any, weights_only: bool) -> Any:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
@@ -122,10 +174,12 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
     """The dict saved at ``path``, loaded safely (see :data:`OFFICIAL_GLOBALS`) onto ``map_location``.
 
     Raises:
+        TypeError, ValueError: ``path`` is not a path, or ``map_location`` is not a device (or not
+            one present here, for CUDA), a dict, a callable or None.
         CheckpointError: the file is missing, empty, truncated or corrupt, refers to a Python global
             outside the allowlist (the message names it), or is not a dict.
     """
-    path = os.fspath(path)
+    path = _check_read_args(path, False, map_location)
     state = _torch_load(path, map_location, weights_only=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(state).__name__}, expected a dict")
@@ -200,9 +254,12 @@ def read_checkpoint(path: PathLike, *, trusted: bool = False, map_location: Any 
             ``True`` then falls back to ``weights_only=False``, which runs whatever code the file
             holds. Never pass it for a downloaded or shared file.
 
-    Raises CheckpointError: unreadable or corrupt file, a refused global, or not a dict.
+    Raises:
+        TypeError, ValueError: a bad ``path``, ``trusted`` (a bool) or ``map_location`` (see
+            :func:`load_checkpoint`), before the file is read.
+        CheckpointError: unreadable or corrupt file, a refused global, or not a dict.
     """
-    path = os.fspath(path)
+    path = _check_read_args(path, trusted, map_location)
     try:
         raw = _torch_load(path, map_location, weights_only=True)
     except CheckpointError as err:
@@ -237,10 +294,11 @@ def load_official_weights(
             ``path`` then only names it in messages.
 
     Raises:
+        TypeError, ValueError: a bad argument (see :func:`read_checkpoint`).
         CheckpointError: unreadable or corrupt file, a refused global, or no state dict under
             ``checkpoint_key``.
     """
-    path = os.fspath(path)
+    path = _check_read_args(path, trusted, map_location)
     raw = read_checkpoint(path, trusted=trusted, map_location=map_location) if checkpoint is None else checkpoint
     if checkpoint_key in raw and isinstance(raw[checkpoint_key], Mapping):
         state = raw[checkpoint_key]
@@ -292,8 +350,15 @@ def load_into(
     Every key must match in name and shape; otherwise a :class:`CheckpointError` lists the missing,
     unexpected and mismatched keys and nothing is loaded (the official code loads with
     ``strict=False`` and drops mismatches silently).
+
+    Raises:
+        TypeError: ``model_backbone`` is not an ``nn.Module`` or ``head`` neither one nor None (before
+            the file is read); TypeError, ValueError for the other arguments as :func:`read_checkpoint`.
+        CheckpointError: as :func:`load_official_weights`, or the weights do not fit.
     """
-    path = os.fspath(path)
+    _check_module("model_backbone", model_backbone)
+    _check_module("head", head, optional=True)
+    path = _check_read_args(path, trusted, map_location)
     backbone_state, head_state = load_official_weights(
         path, checkpoint_key=checkpoint_key, trusted=trusted, map_location=map_location, checkpoint=checkpoint
     )

@@ -379,6 +379,21 @@ def test_crop_falls_back_to_centre_crop_on_extreme_aspect():
     assert [tuple(v.shape) for v in views] == [(3, 16, 16)] * 2 + [(3, 8, 8)]
 
 
+@pytest.mark.parametrize("kind", ["pil", "tensor"])
+def test_smallest_image_is_the_recipes_min_image_pixels(kind):
+    """20 pixels (5x4) is the least the official local scale 0.05 takes, so that its smallest crop
+    covers a pixel; 19 pixels raise, as in BatchedMultiCrop (a 1x1 image gave constant views)."""
+    t = MultiCropTransform(**SMALL, local_crops_number=1)
+    assert t.min_image_pixels == 20
+
+    def image(height, width):
+        return Image.new("RGB", (width, height)) if kind == "pil" else torch.zeros(3, height, width, dtype=torch.uint8)
+
+    assert [tuple(v.shape) for v in t(image(5, 4))] == [(3, 16, 16)] * 2 + [(3, 8, 8)]
+    with pytest.raises(ValueError, match=r"image=\(19, 1\) is 19 pixels, expected at least 20"):
+        t(image(19, 1))
+
+
 # ----------------------------------------------------------------------------------------------
 # batching, pickling, repr
 

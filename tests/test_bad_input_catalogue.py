@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from dino_pytorch import (
@@ -33,10 +34,11 @@ from dino_pytorch.checkpoint import (
     load_into,
     load_official_weights,
     make_official_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
 from dino_pytorch.cli import eval_knn, eval_linear, plot_curves, train, visualize_attention
-from dino_pytorch.eval import extract_features, knn_eval, train_linear_probe
+from dino_pytorch.eval import extract_features, knn_eval, nearest_neighbours, train_linear_probe, vit_linear_features
 from dino_pytorch.features import first_conv_channels, infer_feature_dim
 from dino_pytorch.model_config import make_model_config, read_model_config
 from dino_pytorch.models import ConvNet, create_model, vit_tiny
@@ -45,8 +47,10 @@ from dino_pytorch.schedules import DINOSchedules, cosine_scheduler, cosine_value
 from dino_pytorch.validate import (
     check_bool,
     check_choice,
+    check_device,
     check_int,
     check_number_pair,
+    check_path,
     check_positive_float,
     check_positive_int,
     check_probability,
@@ -97,8 +101,15 @@ class LazyStudent(nn.Module):
         return self.conv(x).mean(dim=(2, 3))
 
 
-def labelled(n=2, channels=1):
-    return [(torch.rand(n, channels, 8, 8), torch.zeros(n, dtype=torch.long))]
+def labelled(n=2, channels=1, label=0):
+    return [(torch.rand(n, channels, 8, 8), torch.full((n,), label, dtype=torch.long))]
+
+
+def probe(train=None, val=None, **kwargs):
+    """A one-epoch linear probe of a ConvNet on 2 classes (labels 0 unless ``train`` / ``val`` say)."""
+    kwargs.setdefault("batch_size_for_lr", 2)
+    return train_linear_probe(ConvNet(in_chans=1, width=4), train or labelled(), val or labelled(), 2, epochs=1,
+                              **kwargs)
 
 
 def feats():
@@ -261,33 +272,74 @@ API = [
     pytest.param("dino_input_size_int", lambda: DINO(ConvNet(in_chans=1, width=4), out_dim=16, hidden_dim=16,
                                                      bottleneck_dim=8, input_size=28), TypeError, ["input_size=28"],
                  id="dino_input_size_int"),
-    pytest.param("per_image_1x1", lambda: MultiCropTransform(mean=(0.5,), std=(0.5,))(torch.zeros(1, 1, 1,
-                 dtype=torch.uint8)), ValueError, ["(1, 1)", "at least 20"], id="per_image_1x1",
-                 marks=xfail("dino_pytorch/augment/per_image.py",
-                             "self.recipe.check_image_size('image', h, w) in _prepare")),
-    pytest.param("knn_eval_ks_int", lambda: knn_eval(*feats(), *feats(), ks=5), TypeError, ["ks=5"],
-                 id="knn_eval_ks_int", marks=xfail("dino_pytorch/eval/knn.py", "ks an iterable of positive ints")),
-    pytest.param("extract_features_model_int", lambda: extract_features(3, labelled()), TypeError,
-                 ["model is a int"], id="extract_features_model_int",
-                 marks=xfail("dino_pytorch/eval/knn.py", "model not an nn.Module: TypeError")),
-    pytest.param("linear_probe_lr_nan", lambda: train_linear_probe(ConvNet(in_chans=1, width=4), labelled(),
-                 labelled(), 2, epochs=1, lr=NAN, batch_size_for_lr=2), ValueError, ["lr=nan"],
-                 id="linear_probe_lr_nan",
-                 marks=xfail("dino_pytorch/eval/linear.py", "check_float('lr', lr, low=0.0)")),
-    pytest.param("linear_probe_batch_size_0", lambda: train_linear_probe(ConvNet(in_chans=1, width=4), labelled(),
-                 labelled(), 2, epochs=1, batch_size_for_lr=0), ValueError, ["batch_size_for_lr=0"],
-                 id="linear_probe_batch_size_0",
-                 marks=xfail("dino_pytorch/eval/linear.py", "check_optional_positive_int('batch_size_for_lr', ...)")),
-    pytest.param("linear_probe_momentum", lambda: train_linear_probe(ConvNet(in_chans=1, width=4), labelled(),
-                 labelled(), 2, epochs=1, batch_size_for_lr=2, momentum=2.0), ValueError, ["momentum=2.0"],
-                 id="linear_probe_momentum",
-                 marks=xfail("dino_pytorch/eval/linear.py", "check_probability('momentum', ...)")),
-    pytest.param("load_checkpoint_none", lambda: load_checkpoint(None), TypeError, ["path=None"],
-                 id="load_checkpoint_none",
-                 marks=xfail("dino_pytorch/safe_load.py", "path a str or os.PathLike: TypeError naming path")),
-    pytest.param("load_into_not_module", lambda: load_into(3, None, "x.pth"), TypeError, ["model_backbone", "int"],
-                 id="load_into_not_module",
-                 marks=xfail("dino_pytorch/safe_load.py", "model_backbone / head not nn.Module: TypeError")),
+    # MultiCropTransform: images the smallest crop fits in (PIL images and uint8 tensors).
+    ("per_image_1x1", lambda: MultiCropTransform(mean=(0.5,), std=(0.5,))(torch.zeros(1, 1, 1, dtype=torch.uint8)),
+     ValueError, ["image=(1, 1) is 1 pixel", "at least 20", "local_crops_scale[0]=0.05"]),
+    ("per_image_pil_1x1", lambda: MultiCropTransform(mean=(0.5,), std=(0.5,))(Image.new("L", (1, 1))), ValueError,
+     ["image=(1, 1)", "at least 20"]),
+    ("per_image_pil_global_only", lambda: MultiCropTransform(local_crops_number=0)(Image.new("RGB", (1, 2))),
+     ValueError, ["image=(2, 1) is 2 pixels", "at least 3", "global_crops_scale[0]=0.4"]),
+    # k-NN: ks an iterable of positive ints, extract_features' model, device and flag.
+    ("knn_eval_ks_int", lambda: knn_eval(*feats(), *feats(), ks=5), TypeError, ["ks=5", "iterable of positive ints"]),
+    ("knn_eval_ks_str", lambda: knn_eval(*feats(), *feats(), ks="5"), TypeError, ["ks='5'"]),
+    ("knn_eval_ks_zero", lambda: knn_eval(*feats(), *feats(), ks=(5, 0)), ValueError, ["ks[1]=0", "positive int"]),
+    ("knn_eval_ks_over", lambda: knn_eval(*feats(), *feats(), ks=(5, 7)), ValueError,
+     ["ks[1]=7", "only 6 training features"]),
+    ("extract_features_model_int", lambda: extract_features(3, labelled()), TypeError,
+     ["model is a int", "nn.Module"]),
+    ("extract_features_normalize_str", lambda: extract_features(ConvNet(in_chans=1, width=4), labelled(),
+                                                                normalize="no"), TypeError, ["normalize='no'"]),
+    ("extract_features_device", lambda: extract_features(ConvNet(in_chans=1, width=4), labelled(), "gpu0"),
+     ValueError, ["device='gpu0'", "device string"]),
+    ("nearest_neighbours_normalize_int", lambda: nearest_neighbours(feats()[0], feats()[0], 2, normalize=1),
+     TypeError, ["normalize=1"]),
+    # Linear probe: the optimiser's arguments as given, the labels, the device, ViT-only flags.
+    ("linear_probe_lr_nan", lambda: probe(lr=NAN), ValueError, ["lr=nan"]),
+    ("linear_probe_lr_negative", lambda: probe(lr=-1.0), ValueError, ["lr=-1.0", ">= 0"]),
+    ("linear_probe_batch_size_0", lambda: probe(batch_size_for_lr=0), ValueError, ["batch_size_for_lr=0"]),
+    ("linear_probe_batch_size_float", lambda: probe(batch_size_for_lr=2.5), ValueError, ["batch_size_for_lr=2.5"]),
+    ("linear_probe_momentum", lambda: probe(momentum=2.0), ValueError, ["momentum=2.0", "[0, 1]"]),
+    ("linear_probe_weight_decay_nan", lambda: probe(weight_decay=NAN), ValueError, ["weight_decay=nan"]),
+    ("linear_probe_device", lambda: probe(device="gpu0"), ValueError, ["device='gpu0'"]),
+    ("linear_probe_backbone_int", lambda: train_linear_probe(3, labelled(), labelled(), 2, batch_size_for_lr=2),
+     TypeError, ["backbone is a int"]),
+    ("linear_probe_log_int", lambda: probe(log=3), TypeError, ["log=3", "callable"]),
+    ("linear_probe_precompute_str", lambda: probe(precompute_features="yes"), TypeError,
+     ["precompute_features='yes'"]),
+    ("linear_probe_train_label_over", lambda: probe(train=labelled(label=5)), ValueError,
+     ["train_loader yielded the label 5 in batch 0", "num_labels=2"]),
+    ("linear_probe_val_label_negative", lambda: probe(val=labelled(label=-1)), ValueError,
+     ["val_loader yielded the label -1", "num_labels=2"]),
+    ("linear_probe_precomputed_label_over", lambda: probe(val=labelled(label=2), precompute_features=True),
+     ValueError, ["val_loader yielded the label 2", "num_labels=2"]),
+    ("linear_probe_avgpool_non_vit", lambda: probe(avgpool_patchtokens=True), ValueError,
+     ["avgpool_patchtokens=True", "(ConvNet) has no get_intermediate_layers"]),
+    ("linear_features_interleave_non_vit",
+     lambda: vit_linear_features(ConvNet(in_chans=1, width=4), torch.rand(2, 1, 8, 8), official_interleave=True),
+     ValueError, ["official_interleave=True", "not a ViT"]),
+    ("linear_features_avgpool_int", lambda: vit_linear_features(tiny_vit(), torch.rand(2, 1, 16, 16), 1, 1),
+     TypeError, ["avgpool_patchtokens=1"]),
+    # Reading checkpoints: arguments checked before the file is opened (x.pth does not exist).
+    ("load_checkpoint_none", lambda: load_checkpoint(None), TypeError, ["path=None", "os.PathLike"]),
+    ("save_checkpoint_path_none", lambda: save_checkpoint(None, {}), TypeError, ["path=None"]),
+    ("load_into_not_module", lambda: load_into(3, None, "x.pth"), TypeError, ["model_backbone is a int"]),
+    ("load_into_head_int", lambda: load_into(ConvNet(in_chans=1, width=4), 3, "x.pth"), TypeError,
+     ["head is a int", "nn.Module or None"]),
+    ("read_checkpoint_trusted_str", lambda: read_checkpoint("x.pth", trusted="yes"), TypeError,
+     ["trusted='yes'", "True or False"]),
+    ("load_checkpoint_map_location_gpu0", lambda: load_checkpoint("x.pth", map_location="gpu0"), ValueError,
+     ["map_location='gpu0'", "device string"]),
+    ("read_checkpoint_map_location_int", lambda: read_checkpoint("x.pth", map_location=3), TypeError,
+     ["map_location=3", "callable"]),
+    ("load_checkpoint_map_location_dict", lambda: load_checkpoint("x.pth", map_location={"cuda:0": "gpu0"}),
+     ValueError, ["map_location['cuda:0']='gpu0'"]),
+    pytest.param("load_checkpoint_map_location_no_cuda", lambda: load_checkpoint("x.pth", map_location="cuda"),
+                 ValueError, ["map_location='cuda'", "CUDA is not available"],
+                 id="load_checkpoint_map_location_no_cuda",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    ("check_device", lambda: check_device("device", "gpu0"), ValueError, ["device='gpu0'"]),
+    ("check_device_float", lambda: check_device("device", 0.5), TypeError, ["device=0.5"]),
+    ("check_path_int", lambda: check_path("path", 3), TypeError, ["path=3"]),
 ]
 
 

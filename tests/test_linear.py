@@ -83,7 +83,15 @@ def test_official_interleave_errors(x):
 def test_non_vit_models_use_forward(x):
     model = nn.Linear(TOKENS * D, 7)
     with torch.no_grad():
-        torch.testing.assert_close(vit_linear_features(model, x, 4, True), model(x))
+        torch.testing.assert_close(vit_linear_features(model, x, 4), model(x))
+
+
+@pytest.mark.parametrize("flags", [{"avgpool_patchtokens": True}, {"official_interleave": True}])
+def test_non_vit_models_refuse_the_patch_token_flags(x, flags):
+    """A model without patch tokens cannot average them: the flag was silently ignored, now it raises."""
+    name = next(iter(flags))
+    with pytest.raises(ValueError, match=rf"{name}=True, but the model \(Linear\) has no get_intermediate_layers"):
+        vit_linear_features(nn.Linear(TOKENS * D, 7), x, 4, **flags)
 
 
 def test_linear_classifier_init_and_flatten():
@@ -196,3 +204,13 @@ def test_real_vit_last_cls_is_forward():
         layers = vit.get_intermediate_layers(images, 3)
         torch.testing.assert_close(feats[:, 2 * 192: 3 * 192], vit(images))
     torch.testing.assert_close(feats[:, 3 * 192:], layers[-1][:, 1:].mean(dim=1))
+
+
+def test_labels_are_read_on_the_cpu_only():
+    """Out-of-range labels are named from CPU batches; labels elsewhere (a GPU: reading them would
+    synchronise every batch; here the meta device, which has no values) are not read."""
+    from dino_pytorch.eval.linear import _check_labels
+
+    with pytest.raises(ValueError, match=r"train_loader yielded the label 9 in batch 3.*num_labels=2"):
+        _check_labels(torch.tensor([0, 9, 1]), 2, "train_loader", 3)
+    _check_labels(torch.full((3,), 9, device="meta"), 2, "train_loader", 3)

@@ -74,7 +74,10 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
     ``t.num_views``, ``t.global_blur_prob(i)``, ...).
 
     Inputs are PIL images in mode ``'RGB'`` or ``'L'``, or ``uint8`` tensors of shape ``(C, H, W)``
-    with ``C`` in ``{1, 3}``.  PIL inputs use PIL's operations (official numerics, including PIL's
+    with ``C`` in ``{1, 3}``, of at least
+    :attr:`~dino_pytorch.augment.MultiCropRecipe.min_image_pixels` pixels (``H * W``; 20 for the
+    official local scale 0.05): a smaller image raises a ValueError, as its smallest crops would
+    cover no pixel.  PIL inputs use PIL's operations (official numerics, including PIL's
     ``ImageFilter.GaussianBlur`` whose radius acts as sigma); tensor inputs use torchvision's tensor
     kernels, and their blur uses an odd kernel of size ``2 * ceil(3 * sigma) + 1`` (so it covers
     about +/- 3 sigma), shrunk where needed to stay smaller than twice the view's side, as reflect
@@ -137,6 +140,7 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
                     f"image: unsupported PIL mode {image.mode!r}; expected 'RGB' or 'L' "
                     "(call image.convert('RGB') first)"
                 )
+            self.recipe.check_image_size("image", image.height, image.width)
             wanted = "RGB" if self.channels == 3 else "L"
             return image if image.mode == wanted else image.convert(wanted)
 
@@ -154,6 +158,7 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
                 )
             if image.shape[1] == 0 or image.shape[2] == 0:
                 raise ValueError(f"image: empty image of shape {tuple(image.shape)}")
+            self.recipe.check_image_size("image", image.shape[1], image.shape[2])
             if image.shape[0] == self.channels:
                 return image
             return AF.to_grey_image(image, channels=1) if self.channels == 1 else image.repeat(3, 1, 1)

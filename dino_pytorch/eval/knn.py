@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..validate import check_optional_positive_int, check_positive_float, check_positive_int
+from ..validate import (
+    check_bool,
+    check_device,
+    check_optional_positive_int,
+    check_positive_float,
+    check_positive_int,
+)
 from ..wrapper import backbone_tensor
 
 __all__ = [
@@ -68,10 +74,20 @@ def _check_features(train_features: Tensor, query_features: Tensor, query_name: 
                          "expected at least one of each")
 
 
-def _check_k(k: int, n_train: int) -> int:
-    if check_positive_int("k", k) > n_train:
-        raise ValueError(f"k={k} but there are only {n_train} training features, expected k <= {n_train}")
+def _check_k(k: int, n_train: int, name: str = "k") -> int:
+    if check_positive_int(name, k) > n_train:
+        raise ValueError(f"{name}={k} but there are only {n_train} training features, expected {name} <= {n_train}")
     return k
+
+
+def _check_ks(ks: Iterable[int]) -> list[int]:
+    """``ks`` as a non-empty list of positive ints (their bound, the training set's size, comes later)."""
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise TypeError(f"ks={ks!r}, expected an iterable of positive ints (numbers of neighbours), e.g. (10, 20)")
+    given = list(ks)
+    if not given:
+        raise ValueError(f"ks is empty (ks={ks!r}), expected at least one number of neighbours")
+    return [check_positive_int(f"ks[{i}]", k) for i, k in enumerate(given)]
 
 
 def _check_inputs(
@@ -83,8 +99,8 @@ def _check_inputs(
     n_train, n_test = train_features.shape[0], test_features.shape[0]
     _check_labels("train_labels", train_labels, n_train, "train_features")
     _check_labels("test_labels", test_labels, n_test, "test_features")
-    for k in ks:
-        _check_k(k, n_train)
+    for i, k in enumerate(ks):
+        _check_k(k, n_train, f"ks[{i}]")
     check_positive_float("T", T)
     check_optional_positive_int("chunk_size", chunk_size)
     max_label = max(int(train_labels.max()), int(test_labels.max()))
@@ -157,7 +173,7 @@ def knn_eval(
         train_labels: (N_train,) integer labels in [0, num_classes).
         test_features: (N_test, D), same dtype; moved to ``train_features``' device chunk by chunk.
         test_labels: (N_test,) integer labels.
-        ks: numbers of neighbours, each in [1, N_train].
+        ks: numbers of neighbours (an iterable of ints, not one int), each in [1, N_train].
         T: temperature of the vote weights ``exp(sim / T)``.
         num_classes: defaults to the largest label + 1.
         chunk_size: test rows per similarity matrix; by default as many as keep the (chunk,
@@ -166,9 +182,7 @@ def knn_eval(
     Returns:
         ``{k: (top1, top5)}``; top-5 counts the label among the first ``min(5, k)`` classes.
     """
-    ks = list(ks)
-    if not ks:
-        raise ValueError("ks is empty, expected at least one number of neighbours")
+    ks = _check_ks(ks)
     num_classes = _check_inputs(
         train_features, train_labels, test_features, test_labels, ks, T, num_classes, chunk_size
     )
@@ -202,7 +216,8 @@ def knn_classifier(
     Shapes: train_features (N_train, D), train_labels (N_train,), test_features (N_test, D),
     test_labels (N_test,). See :func:`knn_eval` for the arguments.
     """
-    k = check_positive_int("k", k)
+    _check_features(train_features, test_features, "test_features")
+    k = _check_k(check_positive_int("k", k), train_features.shape[0])  # named k here, not ks[0]
     return knn_eval(train_features, train_labels, test_features, test_labels, (k,), T, num_classes,
                     chunk_size=chunk_size)[k]
 
@@ -235,6 +250,7 @@ def nearest_neighbours(
     _check_features(train_features, query_features, "query_features")
     k = _check_k(k, train_features.shape[0])
     check_optional_positive_int("chunk_size", chunk_size)
+    check_bool("normalize", normalize)
     if normalize:
         train_features = F.normalize(train_features, dim=1, p=2)
         query_features = F.normalize(query_features, dim=1, p=2)
@@ -260,8 +276,15 @@ def extract_features(
         features (N, D) float32, L2-normalised along dim 1 when ``normalize`` (official, eps
         1e-12), and labels (N,) int64, both on ``device``. Use a loader without shuffling when
         the order matters (e.g. to dump features).
+
+    Raises:
+        TypeError, ValueError: ``model`` is not an ``nn.Module``, ``device`` is not a device,
+            ``normalize`` is not a bool, or the loader yields no ``(images, labels)`` batches.
     """
-    device = torch.device(device)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model is a {type(model).__name__}, expected an nn.Module (the backbone)")
+    device = check_device("device", device)
+    check_bool("normalize", normalize)
     was_training = model.training
     model.eval()
     features, labels = [], []

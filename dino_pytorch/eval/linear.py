@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import get_world_size
-from ..validate import check_positive_int, check_positive_ints
+from ..validate import (
+    check_bool,
+    check_device,
+    check_float,
+    check_optional_positive_int,
+    check_positive_int,
+    check_positive_ints,
+    check_probability,
+)
 from ..wrapper import backbone_tensor
 
 __all__ = ["LinearClassifier", "vit_linear_features", "train_linear_probe", "num_labels"]
@@ -43,6 +51,31 @@ class LinearClassifier(nn.Module):
         return self.linear(x.flatten(1))
 
 
+def _check_feature_options(model: Any, n_last_blocks: int, avgpool_patchtokens: bool,
+                           official_interleave: bool) -> int:
+    """The options of :func:`vit_linear_features` for ``model``; returns ``n_last_blocks`` as an int."""
+    n_last_blocks = check_positive_int("n_last_blocks", n_last_blocks)
+    check_bool("avgpool_patchtokens", avgpool_patchtokens)
+    check_bool("official_interleave", official_interleave)
+    if getattr(model, "get_intermediate_layers", None) is None:
+        given = [f"{name}=True" for name, value in (("avgpool_patchtokens", avgpool_patchtokens),
+                                                    ("official_interleave", official_interleave)) if value]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)}, but the model ({type(model).__name__}) has no get_intermediate_layers: "
+                "not a ViT, it has no patch tokens and its features are model(x); expected False"
+            )
+        return n_last_blocks
+    if official_interleave and not avgpool_patchtokens:
+        raise ValueError("official_interleave=True needs avgpool_patchtokens=True: it only changes how "
+                         "the CLS tokens and the patch-token average are joined")
+    if official_interleave and n_last_blocks != 1:
+        raise ValueError(f"official_interleave=True with n_last_blocks={n_last_blocks}: the official layout "
+                         "only exists for n_last_blocks=1 (the official script crashes otherwise); use the "
+                         "default concatenated layout")
+    return n_last_blocks
+
+
 def vit_linear_features(
     model: nn.Module,
     x: Tensor,
@@ -63,19 +96,13 @@ def vit_linear_features(
     e.g. to use linear weights trained by the official script (ViT-B: n=1 with avgpool); the
     concatenated layout holds the same numbers, permuted.
 
-    Models without ``get_intermediate_layers`` (ResNets, ...) return ``model(x)``: (B, D).
+    Models without ``get_intermediate_layers`` (ResNets, ...) return ``model(x)``: (B, D); for them
+    ``avgpool_patchtokens`` and ``official_interleave`` raise a ValueError (there are no patch tokens).
     """
-    n_last_blocks = check_positive_int("n_last_blocks", n_last_blocks)
+    n_last_blocks = _check_feature_options(model, n_last_blocks, avgpool_patchtokens, official_interleave)
     get_intermediate_layers = getattr(model, "get_intermediate_layers", None)
     if get_intermediate_layers is None:
         return backbone_tensor(model(x), "model")
-    if official_interleave and not avgpool_patchtokens:
-        raise ValueError("official_interleave=True needs avgpool_patchtokens=True: it only changes how "
-                         "the CLS tokens and the patch-token average are joined")
-    if official_interleave and n_last_blocks != 1:
-        raise ValueError(f"official_interleave=True with n_last_blocks={n_last_blocks}: the official layout "
-                         "only exists for n_last_blocks=1 (the official script crashes otherwise); use the "
-                         "default concatenated layout")
     outputs = get_intermediate_layers(x, n_last_blocks)
     if len(outputs) != n_last_blocks:
         raise ValueError(f"get_intermediate_layers(x, {n_last_blocks}) returned {len(outputs)} token maps, "
@@ -96,16 +123,31 @@ def _topk_hits(logits: Tensor, targets: Tensor) -> tuple[int, int]:
     return int(hits[:, 0].sum()), int(hits.sum())
 
 
-def _batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    for batch in loader:
+def _check_labels(targets: Any, num_labels: int, loader_name: str, index: int) -> None:
+    """Labels in ``[0, num_labels)``, checked on CPU tensors only: reading CUDA labels would
+    synchronise the device every batch (there an out-of-range label fails in the loss)."""
+    if isinstance(targets, Tensor) and targets.device.type == "cpu" and targets.numel() > 0:
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_labels:
+            raise ValueError(f"{loader_name} yielded the label {low if low < 0 else high} in batch {index}, expected "
+                             f"labels in [0, num_labels) with num_labels={num_labels}")
+
+
+def _batches(loader: Iterable, device: torch.device, num_labels: int,
+             loader_name: str) -> Iterator[tuple[Tensor, Tensor]]:
+    for index, batch in enumerate(loader):
+        _check_labels(batch[1], num_labels, loader_name, index)
         yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
 
 class _FeatureFn:
     """Frozen-backbone features under no_grad, in fp32."""
 
-    def __init__(self, backbone: nn.Module, n_last_blocks: int, avgpool: bool, interleave: bool) -> None:
-        self.backbone, self.n, self.avgpool, self.interleave = backbone, n_last_blocks, avgpool, interleave
+    def __init__(self, backbone: nn.Module, n_last_blocks: int, avgpool: bool, interleave: bool,
+                 num_labels: int) -> None:
+        self.n = _check_feature_options(backbone, n_last_blocks, avgpool, interleave)
+        self.backbone, self.avgpool, self.interleave = backbone, avgpool, interleave
+        self.num_labels = num_labels  # the labels the loaders may yield, [0, num_labels)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
@@ -116,9 +158,10 @@ class _FeatureFn:
 
 
 @torch.no_grad()
-def _precompute(features: _FeatureFn, loader: Iterable, device: torch.device) -> tuple[Tensor, Tensor]:
+def _precompute(features: _FeatureFn, loader: Iterable, device: torch.device,
+                loader_name: str) -> tuple[Tensor, Tensor]:
     feats, labels = [], []
-    for images, targets in _batches(loader, device):
+    for images, targets in _batches(loader, device, features.num_labels, loader_name):
         feats.append(features(images))
         labels.append(targets.long())
     return torch.cat(feats), torch.cat(labels)
@@ -167,9 +210,17 @@ def train_linear_probe(
         train_loader: yields ``(images, labels)``; the official train loader augments
             (RandomResizedCrop + flip).
         val_loader: yields ``(images, labels)``, without augmentation.
-        num_labels: number of classes.
-        lr: base learning rate, scaled by ``batch_size_for_lr / 256``; ``batch_size_for_lr``
-            defaults to ``train_loader.batch_size`` times the world size (the official total batch).
+        num_labels: number of classes; every label the loaders yield must lie in ``[0, num_labels)``
+            (checked on CPU label tensors, the DataLoader's; labels already on a GPU are not read).
+        lr: base learning rate, finite and ``>= 0``, scaled by ``batch_size_for_lr / 256``.
+        batch_size_for_lr: the total batch size of the scaling, a positive int; None (default) takes
+            ``train_loader.batch_size`` times the world size (the official total batch).
+        n_last_blocks: see :func:`vit_linear_features`.
+        avgpool_patchtokens: see :func:`vit_linear_features` (ViTs only: True raises for other models).
+        official_interleave: see :func:`vit_linear_features` (ViTs only).
+        device: where the features and the classifier live: a ``torch.device`` or a device string.
+        momentum: SGD momentum, in ``[0, 1]``.
+        weight_decay: SGD weight decay, finite and ``>= 0``.
         precompute_features: extract the train and val features once and train on the cache. Much
             faster (the backbone runs once instead of every epoch) but NOT the official recipe: the
             train features are those of whatever ``train_loader`` yields once, so pass a loader
@@ -184,15 +235,21 @@ def train_linear_probe(
         ``best_epoch``, ``final_top1``, ``final_top5`` (all in percent, top-5 is top-min(5, C)),
         ``classifier`` (the trained :class:`LinearClassifier`), ``feature_dim``, ``lr`` (the scaled
         one), ``history`` (the stats dicts) and ``state`` (what ``checkpoint_path`` receives).
+
+    Raises:
+        TypeError, ValueError: a bad argument, checked before any work (the message names it and its
+            value), or a label outside ``[0, num_labels)`` in a batch (the message names the loader).
     """
     epochs, val_freq, num_labels = check_positive_ints(epochs=epochs, val_freq=val_freq, num_labels=num_labels)
+    lr, batch_size_for_lr, momentum, weight_decay = _check_optimiser_args(lr, batch_size_for_lr, momentum,
+                                                                          weight_decay)
+    device = _check_run_args(backbone, device, precompute_features, log)
+    features = _FeatureFn(backbone, n_last_blocks, avgpool_patchtokens, official_interleave, num_labels)
     if batch_size_for_lr is None:
         batch_size = getattr(train_loader, "batch_size", None)
         if batch_size is None:
             raise ValueError("train_loader has no batch_size attribute: pass batch_size_for_lr= (the total batch size)")
         batch_size_for_lr = batch_size * get_world_size()
-    device = torch.device(device)
-    features = _FeatureFn(backbone, n_last_blocks, avgpool_patchtokens, official_interleave)
     cache_batch = (getattr(train_loader, "batch_size", None) or batch_size_for_lr) if precompute_features else None
     was_training = backbone.training
     backbone.eval()
@@ -205,11 +262,29 @@ def train_linear_probe(
         backbone.train(was_training)
 
 
+def _check_optimiser_args(lr: Any, batch_size_for_lr: Any, momentum: Any,
+                          weight_decay: Any) -> tuple[float, Optional[int], float, float]:
+    """The probe's optimiser arguments as given (``lr`` before its batch-size scaling), normalised."""
+    return (check_float("lr", lr, low=0.0), check_optional_positive_int("batch_size_for_lr", batch_size_for_lr),
+            check_probability("momentum", momentum), check_float("weight_decay", weight_decay, low=0.0))
+
+
+def _check_run_args(backbone: Any, device: Any, precompute_features: Any, log: Any) -> torch.device:
+    """The probe's other arguments; returns the device."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone is a {type(backbone).__name__}, expected an nn.Module")
+    check_bool("precompute_features", precompute_features)
+    if log is not None and not callable(log):
+        raise TypeError(f"log={log!r}, expected a callable taking each epoch's stats dict, or None")
+    return check_device("device", device)
+
+
 Batches = Callable[[], Iterator[tuple[Tensor, Tensor]]]
 
 
-def _live_batches(features: _FeatureFn, loader: Iterable, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    for images, targets in _batches(loader, device):
+def _live_batches(features: _FeatureFn, loader: Iterable, device: torch.device,
+                  loader_name: str) -> Iterator[tuple[Tensor, Tensor]]:
+    for images, targets in _batches(loader, device, features.num_labels, loader_name):
         yield features(images), targets.long()
 
 
@@ -222,11 +297,11 @@ def _feature_batches(features: _FeatureFn, train_loader: Iterable, val_loader: I
     on what the loader yields.
     """
     if cache_batch is None:
-        return (partial(_live_batches, features, train_loader, device),
-                partial(_live_batches, features, val_loader, device))
+        return (partial(_live_batches, features, train_loader, device, "train_loader"),
+                partial(_live_batches, features, val_loader, device, "val_loader"))
 
-    train_cache = _precompute(features, train_loader, device)
-    val_cache = _precompute(features, val_loader, device)
+    train_cache = _precompute(features, train_loader, device, "train_loader")
+    val_cache = _precompute(features, val_loader, device, "val_loader")
 
     def train_batches() -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(train_cache[1].shape[0], device=device)
