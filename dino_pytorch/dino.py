@@ -7,12 +7,14 @@ from typing import Any, Callable, Literal, Optional, cast
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .diagnostics import collapse_metrics
 from .dino_recipe import DINORecipe
 from .features import as_feature_extractor, check_input_size, feature_dim_hint, infer_feature_dim
 from .head import DINOHead
+from .ibot import IBOTConfig, MaskedMultiCropWrapper, check_masked_backbone, step_masks
 from .koleo import KoLeoLoss
-from .losses import DINOLoss
+from .losses import DINOLoss, IBOTPatchLoss
 from .schedules import DINOSchedules
 from .teacher import EMATeacher
 from .validate import check_bool, check_float, check_positive_int
@@ -95,6 +97,11 @@ class DINO(DINORecipe, nn.Module):
             (:func:`~dino_pytorch.ops.fused_last_layer_cross_entropy`): the (V*B, K) student logits
             never exist at once (about 0.16x the peak memory of head + loss at K = 65 536), for the
             same loss and gradients up to rounding. Needs the :class:`DINOHead` built here.
+        ibot: DINOv2's masked-patch loss (:class:`~dino_pytorch.ibot.IBOTConfig`): the student sees
+            block-masked global crops, a patch head maps the masked patch tokens, and
+            ``ibot.weight`` times :class:`~dino_pytorch.IBOTPatchLoss` joins the loss (the same
+            teacher temperature, ``centering`` and momentum of the centre). Needs a ViT with DINOv2's
+            ``forward_features(x, masks)`` (e.g. :func:`~dino_pytorch.models.dinov2_vit_small`).
 
     Attributes:
         student: :class:`MultiCropWrapper` (backbone features + head), trained by the optimizer.
@@ -130,12 +137,20 @@ class DINO(DINORecipe, nn.Module):
         koleo_weight: float = 0.0,
         on_nonfinite: Literal["warn", "raise"] = "warn",
         fused_head_loss: bool = False,
+        ibot: Optional[IBOTConfig] = None,
     ) -> None:
         super().__init__()
         check_positive_int("num_global_views", num_global_views)
         _check_one_momentum_source(schedules, momentum_teacher=momentum_teacher, final_momentum=final_momentum,
                                    total_steps=total_steps)
         self.fused_head_loss = check_bool("fused_head_loss", fused_head_loss)
+        if ibot is not None and not isinstance(ibot, IBOTConfig):
+            raise TypeError(f"ibot is a {type(ibot).__name__}, expected an IBOTConfig or None")
+        if ibot is not None and fused_head_loss:
+            raise ValueError("fused_head_loss=True with ibot=: the fused head loss covers the DINO loss only; "
+                             "expected one or the other")
+        self.ibot = ibot
+        self.patch_size = check_masked_backbone(backbone) if ibot is not None else None
         features = as_feature_extractor(backbone)
         size = check_input_size("input_size", input_size)
         embed_dim = self._feature_dim(backbone, features, embed_dim, size)
@@ -145,7 +160,14 @@ class DINO(DINORecipe, nn.Module):
         # Input channels, read after the dummy forward (which materialises lazy convs): the wrapper
         # names a mismatch before the backbone's first conv fails on it.
         in_chans = size[0] if size is not None and len(size) == 3 else None
-        self.student = MultiCropWrapper(features, head, in_chans=in_chans)
+        if ibot is None:
+            self.student: Any = MultiCropWrapper(features, head, in_chans=in_chans)
+        else:
+            patch_head = None if ibot.head == "shared" else DINOHead(
+                embed_dim, ibot.out_dim or out_dim, hidden_dim=ibot.hidden_dim or hidden_dim,
+                bottleneck_dim=ibot.bottleneck_dim or bottleneck_dim, use_bn=use_bn, norm_last_layer=norm_last_layer,
+                nlayers=nlayers)
+            self.student = MaskedMultiCropWrapper(backbone, head, patch_head)
         self.teacher = EMATeacher(
             self.student, momentum=0.996 if momentum_teacher is None else momentum_teacher,
             final_momentum=1.0 if final_momentum is None else final_momentum, total_steps=total_steps,
@@ -163,6 +185,13 @@ class DINO(DINORecipe, nn.Module):
             center_update="manual",
             on_nonfinite=on_nonfinite,
         )
+        if ibot is not None:
+            patch_head_dim = out_dim if ibot.head == "shared" else (ibot.out_dim or out_dim)
+            self.ibot_loss = IBOTPatchLoss(
+                patch_head_dim, student_temp, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, nepochs,
+                center_momentum, centering=centering, center_update="manual", on_nonfinite=on_nonfinite)
+        self._micro_batch = 0  # forwards since the last update_teacher: the masks' key with the step
+        self.loss_parts: dict[str, Tensor] = {}
         self.schedules = schedules
         self.koleo_weight = check_float("koleo_weight", koleo_weight, low=0.0)
         self.koleo = KoLeoLoss()
@@ -207,7 +236,8 @@ class DINO(DINORecipe, nn.Module):
         return cast(MultiCropWrapper, self.teacher.module).backbone
 
     def forward(
-        self, views: Sequence[Tensor], epoch: Optional[int] = None, *, teacher_temp: Optional[float] = None
+        self, views: Sequence[Tensor], epoch: Optional[int] = None, *, teacher_temp: Optional[float] = None,
+        masks: Optional[Tensor] = None,
     ) -> Tensor:
         """DINO loss of ``views``.
 
@@ -215,9 +245,11 @@ class DINO(DINORecipe, nn.Module):
             views: list of (B, C, H_v, W_v) tensors, the ``num_global_views`` global views first.
             epoch: teacher temperature schedule index (needed only with a warm-up).
             teacher_temp: a temperature for this call instead of the schedule.
+            masks: with ``ibot``: (T*B, N) bool masks of the global crops (crop-major, True = masked),
+                best on the CPU; None draws them (:func:`~dino_pytorch.ibot.step_masks`).
 
         Returns:
-            0-dim float32 loss.
+            0-dim float32 loss; its parts (detached) are in ``self.loss_parts``.
         """
         if not isinstance(views, (list, tuple)):
             raise TypeError(f"views is a {type(views).__name__}, expected a list of (B, C, H, W) tensors")
@@ -225,27 +257,59 @@ class DINO(DINORecipe, nn.Module):
             raise ValueError(
                 f"views has {len(views)} tensors, expected at least num_global_views={self.num_global_views}"
             )
-        teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
-        # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.
-        self._last_teacher = (teacher_out.detach(), teacher_temp if teacher_temp is not None
-                              else self.criterion.teacher_temp_at(epoch))
-        if self.fused_head_loss:
-            bottleneck, features = self._student_forward(list(views), return_backbone_feats=True, bottleneck=True)
-            v, g = cast(DINOHead, self.student.head).last_layer_weights()
-            loss = self.criterion.forward_fused_head(bottleneck, v, g, teacher_out, epoch, teacher_temp=teacher_temp,
-                                                     num_teacher_views=self.num_global_views)
+        temp = teacher_temp if teacher_temp is not None else self.criterion.teacher_temp_at(epoch)
+        if self.ibot is not None:
+            loss, teacher_out, features = self._dino_and_ibot(list(views), epoch, temp, masks)
         else:
-            student_out, features = self._student_forward(list(views), return_backbone_feats=True)
-            # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
-            loss = self.criterion(student_out, teacher_out, epoch, teacher_temp=teacher_temp,
-                                  num_teacher_views=self.num_global_views)
+            teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
+            loss, features = self._dino_loss(list(views), teacher_out, epoch, teacher_temp)
+        # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.
+        self._last_teacher = (teacher_out.detach(), temp)
         if self.koleo_weight > 0:
             # As DINOv2: on each global view's student backbone features separately, averaged (both
             # views in one set would make each image's neighbour its own other view).
             per_view = features[: self.num_global_views * views[0].shape[0]].chunk(self.num_global_views)
-            loss = loss + self.koleo_weight * torch.stack([self.koleo(f) for f in per_view]).mean()
+            koleo = torch.stack([self.koleo(f) for f in per_view]).mean()
+            self.loss_parts["koleo_loss"] = koleo.detach()
+            loss = loss + self.koleo_weight * koleo
         self._last_loss = loss.detach()
         return loss
+
+    def _dino_loss(self, views: list[Tensor], teacher_out: Tensor, epoch: Optional[int],
+                   teacher_temp: Optional[float]) -> tuple[Tensor, Tensor]:
+        """The DINO loss of the views against the teacher's logits, and the student's backbone features."""
+        if self.fused_head_loss:
+            bottleneck, features = self._student_forward(views, return_backbone_feats=True, bottleneck=True)
+            v, g = cast(DINOHead, self.student.head).last_layer_weights()
+            loss = self.criterion.forward_fused_head(bottleneck, v, g, teacher_out, epoch, teacher_temp=teacher_temp,
+                                                     num_teacher_views=self.num_global_views)
+        else:
+            student_out, features = self._student_forward(views, return_backbone_feats=True)
+            # The concatenated (V*B, K) / (T*B, K) outputs go in as they are: no per-view copies.
+            loss = self.criterion(student_out, teacher_out, epoch, teacher_temp=teacher_temp,
+                                  num_teacher_views=self.num_global_views)
+        self.loss_parts = {"dino_loss": loss.detach()}
+        return loss, features
+
+    def _dino_and_ibot(self, views: list[Tensor], epoch: Optional[int], temp: float,
+                       masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """DINO + weight * iBOT: ``(loss, teacher logits, student CLS features)``."""
+        config, num_global, batch = cast(IBOTConfig, self.ibot), self.num_global_views, views[0].shape[0]
+        if masks is None:
+            grid = (views[0].shape[-2] // cast(int, self.patch_size), views[0].shape[-1] // cast(int, self.patch_size))
+            masks = step_masks(config, grid, batch, num_global, self.step, self._micro_batch,
+                               distributed.get_rank(), distributed.get_world_size())
+        self._micro_batch += 1
+        # The masked patches' indices from CPU masks: no device sync (CUDA masks would sync here).
+        index = masks.cpu().flatten().nonzero().squeeze(1).to(views[0].device, non_blocking=True)
+        masks = masks.to(views[0].device, non_blocking=True)
+        teacher_out, teacher_patch = self._teacher_forward(views[:num_global], num_global, index)
+        student_out, student_patch, features = self._student_forward(
+            views, num_global, index, masks=masks, return_backbone_feats=True)
+        dino = self.criterion(student_out, teacher_out, epoch, teacher_temp=temp, num_teacher_views=num_global)
+        ibot = self.ibot_loss(student_patch, teacher_patch, masks, epoch, teacher_temp=temp)
+        self.loss_parts = {"dino_loss": dino.detach(), "ibot_loss": ibot.detach()}
+        return dino + config.weight * ibot, teacher_out, features
 
     def collapse_metrics(self) -> dict[str, Tensor]:
         """Health of the teacher targets of the last forward (0-dim tensors: read them at log points).
@@ -267,10 +331,24 @@ class DINO(DINORecipe, nn.Module):
         """
         if momentum is None and self.schedules is not None:
             momentum = self.schedules.at(self.step)["momentum"]
-        skip = self.criterion.nonfinite.found.clone()  # update_center resets the flags
-        self.criterion.nonfinite.close_step(self.step)
-        self.criterion.update_center()
+        losses = self._losses()
+        skip = self._nonfinite_found().clone()  # update_center resets the flags
+        for loss in losses:  # one bad part leaves every centre as it was
+            loss.nonfinite.found.copy_(skip.to(loss.nonfinite.found.device))
+            loss.nonfinite.close_step(self.step)
+            loss.update_center()
+        self._micro_batch = 0
         return self.teacher.update(self.student, momentum=momentum, skip=skip)
+
+    def _losses(self) -> list[Any]:
+        return [self.criterion] + ([self.ibot_loss] if self.ibot is not None else [])
+
+    def _nonfinite_found(self) -> Tensor:
+        """0-dim bool on the device: any part of the loss non-finite since the last update."""
+        found = self.criterion.nonfinite.found
+        for loss in self._losses()[1:]:
+            found = found | loss.nonfinite.found.to(found.device)
+        return found
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """``optimizer.step()``, skipped after a non-finite loss (call before :meth:`update_teacher`).
@@ -283,7 +361,7 @@ class DINO(DINORecipe, nn.Module):
             scaler.step(optimizer)
             scaler.update()
             return
-        found = self.criterion.nonfinite.found
+        found = self._nonfinite_found()
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             # The fused kernels take GradScaler's found_inf and leave params and state untouched.
             optimizer.found_inf = found.to(torch.float32)  # type: ignore[attr-defined]
@@ -302,4 +380,5 @@ class DINO(DINORecipe, nn.Module):
         Reads device flags (one host sync on CUDA): call it where the loop syncs anyway, e.g. at log
         points and before saving, and stop there; on the CPU it is free, every step.
         """
-        return self.criterion.nonfinite.first_report(kept="the centre, the teacher and the optimizer were")
+        kept = "the centre" + ("s" if self.ibot is not None else "") + ", the teacher and the optimizer were"
+        return next(filter(None, (loss.nonfinite.first_report(kept=kept) for loss in self._losses())), None)

@@ -55,9 +55,10 @@ class DINORecipe:
         return clip_gradients_(self.student.parameters(), clip)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """The student's prototype parameters, to freeze in the first epoch (official trick)."""
-        head: Any = self.student.head
-        return head.last_layer_parameters()
+        """The student's prototype parameters (of the patch head too, with iBOT), to freeze in the first
+        epoch (official trick)."""
+        heads = [self.student.head, getattr(self.student, "patch_head", None)]  # iBOT's patch head too
+        return [p for head in heads if head is not None for p in head.last_layer_parameters()]
 
     def cancel_last_layer_gradients_(self) -> None:
         """Drop the prototypes' gradients (official ``--freeze_last_layer``: call while epoch < N)."""
@@ -96,7 +97,11 @@ class DINORecipe:
     def official_checkpoint(
         self, optimizer: Any, epoch: int, fp16_scaler: Any = None, args: Any = None, **extra: Any
     ) -> dict[str, Any]:
-        """The official ``main_dino.py`` checkpoint dict, plus ``step`` (see :meth:`load_official_checkpoint`)."""
+        """The official ``main_dino.py`` checkpoint dict, plus ``step`` and, with iBOT, ``ibot_loss``
+        (its centre; see :meth:`load_official_checkpoint`)."""
+        ibot_loss = getattr(self, "ibot_loss", None)
+        if ibot_loss is not None:
+            extra["ibot_loss"] = ibot_loss.state_dict()
         return make_official_checkpoint(self.student, self.teacher.module, optimizer, epoch, self.criterion,
                                         fp16_scaler, args, step=self.step, **extra)
 
@@ -109,5 +114,11 @@ class DINORecipe:
         self.student.load_state_dict(checkpoint["student"])
         self.teacher.module.load_state_dict(checkpoint["teacher"])
         self.criterion.load_state_dict(checkpoint["dino_loss"])
+        ibot_loss = getattr(self, "ibot_loss", None)
+        if ibot_loss is not None:
+            if "ibot_loss" not in checkpoint:
+                raise KeyError("the checkpoint has no 'ibot_loss' entry (the iBOT centre): it was not saved by a DINO "
+                               "with ibot=; expected a checkpoint of the same configuration")
+            ibot_loss.load_state_dict(checkpoint["ibot_loss"])
         if "step" in checkpoint:
             self.teacher.step = int(checkpoint["step"])
