@@ -3,6 +3,7 @@ from ._version import __version__
 from .augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
 from .dino import DINO
 from .head import DINOHead
+from .ibot import IBOTConfig
 from .koleo import KoLeoLoss
 from .losses import DINOLoss, IBOTPatchLoss
 from .masking import BlockMasking
@@ -18,6 +19,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "EMATeacher",
+    "IBOTConfig",
     "IBOTPatchLoss",
     "KoLeoLoss",
     "MultiCropRecipe",
