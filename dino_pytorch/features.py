@@ -220,8 +220,9 @@ def check_input_size(name: str, value: Any) -> Optional[tuple[int, ...]]:
 def infer_feature_dim(features: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
     """Width D of ``features``' output, from a dummy forward of two (C, H, W) inputs.
 
-    ``input_size`` defaults to (C, 224, 224) with C the first Conv2d's input channels (3 without
-    one). The forward runs in eval mode under no_grad, so BatchNorm statistics are not touched.
+    ``input_size`` defaults to (C, 224, 224) with C from :func:`first_conv_channels` (the model's
+    ``in_chans`` attribute, else its first Conv2d; 3 when unknown). The forward runs in eval mode
+    under no_grad, so BatchNorm statistics are not touched.
 
     Raises:
         TypeError, ValueError: ``input_size`` is not a shape of positive ints (:func:`check_input_size`).
