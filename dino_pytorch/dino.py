@@ -63,7 +63,9 @@ class DINO(DINORecipe, nn.Module):
             (``fc``/``head``/``heads``/``classifier``; timm's head) is bypassed, never edited.
         out_dim: K, the number of prototypes.
         embed_dim: the backbone's feature width; inferred with a dummy forward when None.
-        input_size: (C, H, W) of that dummy forward (default: (C of the first conv, 224, 224)).
+        input_size: (C, H, W) of that dummy forward (default: (C, 224, 224) with C the model's
+            ``in_chans``, else its first conv's input channels, else 3); also the channel count
+            every view must have.
         num_global_views: views the teacher sees (official: 2).
         use_bn: :class:`DINOHead` option: BatchNorm after each hidden linear of the MLP.
         norm_last_layer: :class:`DINOHead` option: freeze the weight-norm gain of the prototypes.
@@ -154,42 +156,28 @@ class DINO(DINORecipe, nn.Module):
         features = as_feature_extractor(backbone)
         size = check_input_size("input_size", input_size)
         embed_dim = self._feature_dim(backbone, features, embed_dim, size)
-        head = DINOHead(embed_dim, out_dim, use_bn=use_bn, norm_last_layer=norm_last_layer,
-                        nlayers=nlayers, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
+        head_options = dict(out_dim=out_dim, use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers,
+                            hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
         self.num_global_views = num_global_views
         # Input channels, read after the dummy forward (which materialises lazy convs): the wrapper
         # names a mismatch before the backbone's first conv fails on it.
         in_chans = size[0] if size is not None and len(size) == 3 else None
-        if ibot is None:
-            self.student: Any = MultiCropWrapper(features, head, in_chans=in_chans)
-        else:
-            patch_head = None if ibot.head == "shared" else DINOHead(
-                embed_dim, ibot.out_dim or out_dim, hidden_dim=ibot.hidden_dim or hidden_dim,
-                bottleneck_dim=ibot.bottleneck_dim or bottleneck_dim, use_bn=use_bn, norm_last_layer=norm_last_layer,
-                nlayers=nlayers)
-            self.student = MaskedMultiCropWrapper(backbone, head, patch_head)
+        self.student: Any = self._student_wrapper(backbone, features, embed_dim, head_options, in_chans)
         self.teacher = EMATeacher(
             self.student, momentum=0.996 if momentum_teacher is None else momentum_teacher,
             final_momentum=1.0 if final_momentum is None else final_momentum, total_steps=total_steps,
             buffers=teacher_buffers,
         )
-        self.criterion = DINOLoss(
-            out_dim,
+        # The same teacher side for both losses; centres applied once per optimizer step.
+        loss_options: dict[str, Any] = dict(
             warmup_teacher_temp=teacher_temp if warmup_teacher_temp is None else warmup_teacher_temp,
-            teacher_temp=teacher_temp,
-            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-            nepochs=nepochs,
-            student_temp=student_temp,
-            center_momentum=center_momentum,
-            centering=centering,
-            center_update="manual",
-            on_nonfinite=on_nonfinite,
-        )
+            teacher_temp=teacher_temp, warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, nepochs=nepochs,
+            student_temp=student_temp, center_momentum=center_momentum, centering=centering,
+            center_update="manual", on_nonfinite=on_nonfinite)
+        self.criterion = DINOLoss(out_dim, **loss_options)
         if ibot is not None:
-            patch_head_dim = out_dim if ibot.head == "shared" else (ibot.out_dim or out_dim)
-            self.ibot_loss = IBOTPatchLoss(
-                patch_head_dim, student_temp, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, nepochs,
-                center_momentum, centering=centering, center_update="manual", on_nonfinite=on_nonfinite)
+            patch_head = cast(Optional[DINOHead], self.student.patch_head)
+            self.ibot_loss = IBOTPatchLoss(out_dim if patch_head is None else patch_head.out_dim, **loss_options)
         self._micro_batch = 0  # forwards since the last update_teacher: the masks' key with the step
         self.loss_parts: dict[str, Tensor] = {}
         self.schedules = schedules
@@ -204,6 +192,20 @@ class DINO(DINORecipe, nn.Module):
 
     _student_forward: Callable[..., Any]
     _teacher_forward: Callable[..., Any]
+
+    def _student_wrapper(self, backbone: nn.Module, features: nn.Module, embed_dim: int,
+                         head_options: dict[str, Any], in_chans: Optional[int]) -> nn.Module:
+        """The student: backbone features and the DINO head, with iBOT also a patch head (or the DINO
+        head shared) over the raw backbone's masked patch tokens."""
+        head = DINOHead(embed_dim, **head_options)
+        if self.ibot is None:
+            return MultiCropWrapper(features, head, in_chans=in_chans)
+        if self.ibot.head == "shared":
+            return MaskedMultiCropWrapper(backbone, head)
+        sizes = {"out_dim": self.ibot.out_dim, "hidden_dim": self.ibot.hidden_dim,
+                 "bottleneck_dim": self.ibot.bottleneck_dim}
+        patch_options = {**head_options, **{k: v for k, v in sizes.items() if v is not None}}
+        return MaskedMultiCropWrapper(backbone, head, DINOHead(embed_dim, **patch_options))
 
     @staticmethod
     def _feature_dim(backbone: nn.Module, features: nn.Module, embed_dim: Optional[int],
