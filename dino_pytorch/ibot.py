@@ -84,7 +84,8 @@ def check_masked_backbone(backbone: nn.Module) -> int:
         raise TypeError(
             f"ibot= needs a ViT with DINOv2's features call, forward_features(x, masks=None) -> "
             f"{{'x_norm_clstoken', 'x_norm_patchtokens', ...}}, and an int patch_size; "
-            f"{type(backbone).__name__} has not (use dino_pytorch.models.dinov2_vit_small or its family)"
+            f"{type(backbone).__name__} has not (use dino_pytorch.models.dinov2_vit_small or its family, or wrap "
+            f"our VisionTransformer or a timm ViT with dino_pytorch.models.as_masked_vit)"
         )
     return patch
 
