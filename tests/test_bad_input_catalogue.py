@@ -262,7 +262,7 @@ API = [
      ["x has dtype torch.uint8"]),
     ("create_model_torchvision_in_chans", lambda: create_model("resnet18", in_chans=1), TypeError,
      ["create_model('resnet18', in_chans=1)", "timm:resnet18"]),
-    # Checks that belong to files outside this change: strict xfails naming the file and the check.
+    # EMATeacher, DINO, the per-image augmenter, the evaluation functions and the checkpoint readers.
     pytest.param("ema_disable_drop_path_str", lambda: EMATeacher(nn.Linear(2, 2), disable_drop_path="no"), TypeError,
                  ["disable_drop_path='no'"], id="ema_disable_drop_path_str"),
     pytest.param("ema_update_student_int", lambda: EMATeacher(nn.Linear(2, 2)).update(3), TypeError,

@@ -49,3 +49,14 @@ def test_cli_augmented_path_convnet(tmp_path):
     assert result["feature_dim"] == 128 and result["lr"] == 0.001 * 10 / 256
     args = linear_module.build_parser().parse_args(["--official_interleave", "1", "--avgpool_patchtokens", "on"])
     assert args.official_interleave and args.avgpool_patchtokens
+
+
+def test_cli_vit_only_flags_on_a_convnet_give_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        linear_module.main([
+            "--arch", "convnet", "--dataset", "fashion_mnist", "--subset", "20", "--epochs", "1", "--device", "cpu",
+            "--num_workers", "0", "--output_dir", str(tmp_path), "--avgpool_patchtokens", "true",
+        ])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--avgpool_patchtokens true needs a ViT" in err[0] and "ConvNet" in err[0], err

@@ -11,7 +11,16 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from ..eval.linear import num_labels, train_linear_probe
-from ._setup import add_eval_args, bool_flag, check_flags, eval_setup, make_loader, output_dir, run_program
+from ._setup import (
+    UsageError,
+    add_eval_args,
+    bool_flag,
+    check_flags,
+    eval_setup,
+    make_loader,
+    output_dir,
+    run_program,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +64,10 @@ def _main(argv: Optional[Sequence[str]]) -> dict[str, Any]:
     check_flags(args, n_last_blocks="int>=1", epochs="int>=1", lr=">0", num_labels="int>=1", val_freq="int>=1",
                 output_dir="outdir")
     model, train_set, val_set, device = eval_setup(args, train_augment=not args.precompute_features)
+    for flag in ("avgpool_patchtokens", "official_interleave"):
+        if getattr(args, flag) and not hasattr(model, "get_intermediate_layers"):
+            raise UsageError(f"--{flag} true needs a ViT (the model, {type(model).__name__}, has no patch tokens); "
+                             f"expected --{flag} false")
     out = output_dir(args.output_dir)
     log_path = out / "log.txt"
 
