@@ -48,6 +48,7 @@ test-slow: $(STAMP) $(FMNIST)
 NUMERICS_TESTS := \
 	tests/test_augment_golden.py tests/test_augment_per_image.py tests/test_augment_batched.py \
 	tests/test_loss.py tests/test_cross_entropy.py tests/test_loss_hazards.py tests/test_dino_logit_copies.py \
+	tests/test_ibot_loss.py tests/test_masking.py tests/test_dinov2_vit.py tests/test_dino_ibot.py \
 	tests/test_vit.py tests/test_head.py tests/test_attention.py tests/test_dino_training.py tests/test_schedules.py \
 	tests/test_precision.py tests/test_train.py tests/test_checkpoint.py \
 	tests/test_crash_safety.py::test_two_random_kills_resume_bitwise

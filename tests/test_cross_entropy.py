@@ -303,6 +303,7 @@ def test_center_counter_stays_out_of_state_dict():
     assert int(loss_fn._center_count) == 0 and torch.count_nonzero(loss_fn.center) > 0
 
 
+@pytest.mark.slow  # 7-25 s of compiling each
 @pytest.mark.parametrize("center_update", ["forward", "manual"])
 def test_dino_loss_compiles_fullgraph(center_update):
     torch._dynamo.reset()
@@ -327,6 +328,7 @@ def test_dino_loss_compiles_fullgraph(center_update):
             assert rel(compiled.center, eager.center) <= 1e-6
 
 
+@pytest.mark.slow  # ~5 s of compiling
 def test_dino_head_compiles_fullgraph():
     torch._dynamo.reset()
     torch.manual_seed(0)
