@@ -45,13 +45,15 @@ def attention_maps(model: nn.Module, image: Tensor, patch_size: Optional[int] = 
     """Per-head attention of the CLS query over the patches in the last block.
 
     Args:
-        model: a ViT with ``get_last_selfattention`` (e.g. :class:`~dino_pytorch.models.VisionTransformer`).
+        model: a ViT with ``get_last_selfattention`` (e.g. :class:`~dino_pytorch.models.VisionTransformer`,
+            or DINOv2's :class:`~dino_pytorch.models.DinoVisionTransformer`, whose registers are left out).
         image: (C, H, W), or a batch (B, C, H, W), normalised as the model expects; H and W are
             cropped down to multiples of the patch size.
         patch_size: defaults to ``model.patch_size``.
 
     Returns: (heads, H // p, W // p), or (B, heads, H // p, W // p) for a batch, float tensor on
-    the CPU; each head's map sums to at most 1 (the rest of the CLS query's mass is on itself).
+    the CPU; each head's map sums to at most 1 (the rest of the CLS query's mass is on itself and
+    on any registers).
     """
     get_last_selfattention = getattr(model, "get_last_selfattention", None)
     if not callable(get_last_selfattention):
@@ -75,10 +77,11 @@ def attention_maps(model: nn.Module, image: Tensor, patch_size: Optional[int] = 
     model.eval()  # no dropout in the maps
     try:
         with torch.no_grad():
-            attn = get_last_selfattention(image if image.ndim == 4 else image.unsqueeze(0))  # (B, heads, N+1, N+1)
+            attn = get_last_selfattention(image if image.ndim == 4 else image.unsqueeze(0))  # (B, heads, T, T)
     finally:
         model.train(was_training)
-    maps = attn[:, :, 0, 1:].reshape(*attn.shape[:2], rows, cols).float().cpu()
+    # The patch keys are the last rows * cols tokens: after CLS and, in DINOv2's ViT, its registers.
+    maps = attn[:, :, 0, attn.shape[-1] - rows * cols:].reshape(*attn.shape[:2], rows, cols).float().cpu()
     return maps if image.ndim == 4 else maps[0]
 
 

@@ -105,5 +105,6 @@ def build_backbone(config: Mapping[str, Any]) -> nn.Module:
 
 
 def is_vit(config: Mapping[str, Any]) -> bool:
-    """Whether the configuration describes one of the package's ViTs (attention maps need one)."""
-    return str(config["arch"]).startswith("vit_")
+    """Whether the configuration describes one of the package's ViTs, v1 (``vit_*``) or DINOv2's
+    (``dinov2_vit_*``): attention maps need one."""
+    return str(config["arch"]).startswith(("vit_", "dinov2_vit_"))

@@ -237,9 +237,10 @@ def _split_backbone_head(state: Mapping[str, Tensor], path: str) -> tuple[dict[s
         return dict(state), {}  # a backbone-only file: its keys are the backbone's own
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    other = [k for k in state if not k.startswith(("backbone.", "head."))]
+    # patch_head.: the separate iBOT head of DINO(ibot=...), which no backbone or DINO head load needs.
+    other = [k for k in state if not k.startswith(("backbone.", "head.", "patch_head."))]
     if other:
-        raise CheckpointError(f"checkpoint {path!r}: keys outside backbone./head.: {other[:5]}")
+        raise CheckpointError(f"checkpoint {path!r}: keys outside backbone./head./patch_head.: {other[:5]}")
     return backbone, head
 
 
@@ -283,7 +284,8 @@ def load_official_weights(
     """``(backbone_state, head_state)`` from an official DINO file or one of ours.
 
     Accepts a full training checkpoint (``student`` / ``teacher`` entries with ``module.``,
-    ``backbone.`` and ``head.`` prefixes; the entry ``checkpoint_key`` is used) or a backbone-only
+    ``backbone.`` and ``head.`` prefixes, and ``patch_head.`` with iBOT's separate patch head, which is
+    left out; the entry ``checkpoint_key`` is used) or a backbone-only
     state_dict as released on the DINO model zoo (then ``head_state`` is empty). The prefixes
     ``module.`` and ``backbone.`` are removed as prefixes; head keys keep the official
     ``last_layer.weight_g`` / ``weight_v`` names, which :class:`DINOHead` maps on load.

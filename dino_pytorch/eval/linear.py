@@ -86,7 +86,8 @@ def vit_linear_features(
 ) -> Tensor:
     """Linear-probe features of a batch, the official feature choice.
 
-    With ``model.get_intermediate_layers(x, n)`` (a list of n normed (B, N+1, D) token maps):
+    With ``model.get_intermediate_layers(x, n)`` (a list of n normed (B, N+1, D) token maps; for
+    DINOv2's :class:`~dino_pytorch.models.DinoVisionTransformer` its CLS and patch tokens, registers left out):
     ``[cls_1 | ... | cls_n]`` (B, n·D) with block n the last; with ``avgpool_patchtokens`` the
     mean of the last block's patch tokens is appended, ``[cls_1 | ... | cls_n | avg]`` (B, (n+1)·D).
 
@@ -103,7 +104,13 @@ def vit_linear_features(
     get_intermediate_layers = getattr(model, "get_intermediate_layers", None)
     if get_intermediate_layers is None:
         return backbone_tensor(model(x), "model")
-    outputs = get_intermediate_layers(x, n_last_blocks)
+    from ..models.dinov2_vit import DinoVisionTransformer
+
+    if isinstance(model, DinoVisionTransformer):  # DINOv2's method returns patch tokens only: put CLS back first
+        outputs = [torch.cat((cls.unsqueeze(1), patches), dim=1)
+                   for patches, cls in model.get_intermediate_layers(x, n_last_blocks, return_class_token=True)]
+    else:
+        outputs = get_intermediate_layers(x, n_last_blocks)
     if len(outputs) != n_last_blocks:
         raise ValueError(f"get_intermediate_layers(x, {n_last_blocks}) returned {len(outputs)} token maps, "
                          f"expected {n_last_blocks}")
