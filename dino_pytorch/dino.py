@@ -274,7 +274,7 @@ class DINO(DINORecipe, nn.Module):
             koleo = torch.stack([self.koleo(f) for f in per_view]).mean()
             self.loss_parts["koleo_loss"] = koleo.detach()
             loss = loss + self.koleo_weight * koleo
-        self._last_loss = loss.detach()
+        self._last_loss = self.loss_parts["dino_loss"]  # collapse_metrics' KL and loss / ln K: the DINO part
         return loss
 
     def _dino_loss(self, views: list[Tensor], teacher_out: Tensor, epoch: Optional[int],
