@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointError, load_into, read_checkpoint
 from ..model_config import build_backbone, make_model_config, read_model_config
 
 VIT_PREFIX = "vit_"
+DINOV2_PREFIX = "dinov2_vit_"  # DINOv2's ViTs (registers, layer-scale, a mask token): the ones iBOT can train
 DEBUG_ENV = "DINO_PYTORCH_DEBUG"
 TRUST_HELP = ("only for a file you made yourself that pickles other Python objects: unpickle it with "
               "weights_only=False, which runs any code it holds. Official checkpoints need no flag")
@@ -125,7 +126,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, training: bool) -> None:
     configuration decides, and the official defaults apply to files that store none."""
     default = (lambda value: value) if training else (lambda value: None)
     parser.add_argument("--arch", default=default("vit_small"),
-                        help="vit_tiny / vit_small / vit_base, convnet, a torchvision ResNet name, or timm:<name>"
+                        help="vit_tiny / vit_small / vit_base, dinov2_vit_small / _base / _large, convnet, "
+                             "a torchvision ResNet name, or timm:<name>"
                              + ("" if training else " (default: the checkpoint's, else vit_small)"))
     parser.add_argument("--patch_size", default=default(16), type=int,
                         help="ViT patch size" + ("" if training else " (default: the checkpoint's, else 16)"))
@@ -194,7 +196,7 @@ def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
 
 
 def is_torchvision_arch(arch: str) -> bool:
-    return not (arch.startswith((VIT_PREFIX, "timm:")) or arch == "convnet")
+    return not (arch.startswith((VIT_PREFIX, DINOV2_PREFIX, "timm:")) or arch == "convnet")
 
 
 def image_channels(dataset: Optional[str], arch: str, override: Optional[int] = None) -> int:
@@ -221,10 +223,13 @@ def config_from_flags(args: argparse.Namespace, dataset: str, channels: int, ima
     """The model configuration the flags describe (the same ``create_model`` call for every program)."""
     arch = args.arch
     drop_path = getattr(args, "drop_path_rate", 0.0)
-    if arch.startswith(VIT_PREFIX):
+    if arch.startswith((VIT_PREFIX, DINOV2_PREFIX)):
         kwargs: dict[str, Any] = dict(patch_size=args.patch_size, in_chans=channels, img_size=image_size,
                                       drop_path_rate=drop_path)
         kwargs.update({k: v for k, v in (("depth", args.vit_depth), ("embed_dim", args.vit_embed_dim)) if v})
+        if arch.startswith(DINOV2_PREFIX):  # stored even at their defaults: the file alone rebuilds the ViT
+            kwargs.update(num_register_tokens=getattr(args, "num_register_tokens", None) or 0,
+                          init_values=getattr(args, "layerscale", None))
     elif arch == "convnet":
         kwargs = dict(in_chans=channels, width=args.width, pool=args.pool)
     elif arch.startswith("timm:"):

@@ -41,7 +41,7 @@ from .run_control import RunControl
 from .train_checkpoint import Checkpointer, resume_or_start
 from .train_data import TrainData, build_data, make_views
 from .train_evals import KnnEvals
-from .train_flags import get_args_parser, resolve_defaults
+from .train_flags import get_args_parser, ibot_config, resolve_defaults
 from .train_report import RunLog, write_pictures
 
 
@@ -102,6 +102,13 @@ def warn_cpu_batchnorm(dino: DINO, device: torch.device, is_main: bool) -> None:
               "(a ViT has no BatchNorm)", file=sys.stderr, flush=True)
 
 
+def loss_parts(dino: DINO) -> dict[str, float]:
+    """The last micro-batch's loss parts (``dino_loss``, and ``ibot_loss`` / ``koleo_loss`` when on), unweighted,
+    in one host read: call it at log points, where the loop syncs anyway."""
+    parts = dino.loss_parts
+    return dict(zip(parts, torch.stack([v.float() for v in parts.values()]).tolist())) if parts else {}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``dino-train``; returns the exit status: 0 finished (or its --time_budget_min ran out), 1 stopped on
     a non-finite loss or a failed save, 2 a user error, 143 / 130 stopped by SIGTERM / SIGINT (saved)."""
@@ -140,7 +147,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 teacher_temp=args.teacher_temp, warmup_teacher_temp=args.warmup_teacher_temp,
                 warmup_teacher_temp_epochs=min(args.warmup_teacher_temp_epochs, epochs), nepochs=epochs,
                 schedules=build_schedules(args, total_steps, warmup_steps, world_size),
-                koleo_weight=args.koleo_weight, fused_head_loss=args.fused_head_loss).to(device)
+                koleo_weight=args.koleo_weight, fused_head_loss=args.fused_head_loss, centering=args.centering,
+                ibot=ibot_config(args)).to(device)
     config["head"] = dict(in_dim=dino.student.head.in_dim, nlayers=3, **head)
     if args.channels_last:
         dino.to(memory_format=torch.channels_last)  # 4-D weights of student and teacher
@@ -232,7 +240,7 @@ class TrainLoop:
                 loss_value = loss.item() * args.grad_accum_steps  # the only per-log host sync
                 run_log.step({"step": step, "epoch": epoch, "train_loss": loss_value, "lr": values["lr"],
                               "wd": values["weight_decay"], "momentum": momentum,
-                              "teacher_temp": dino.criterion.teacher_temp_at(epoch),
+                              "teacher_temp": dino.criterion.teacher_temp_at(epoch), **loss_parts(dino),
                               **{k: v.item() for k, v in dino.collapse_metrics().items()}})
             run_log.advance()
             if step < self.total_steps:

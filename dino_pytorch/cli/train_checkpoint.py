@@ -76,7 +76,8 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
     except CheckpointError as err:
         raise UsageError(f"cannot resume: {err}. Move the file away to start afresh.") from None
     check_resume_fits(ckpt, dino.student, path)  # another width or head: one line, not a traceback
-    for entry in ("student", "teacher", "dino_loss", "optimizer", "fp16_scaler"):
+    check_same_ibot(ckpt, dino, path)
+    for entry in ("student", "teacher", "dino_loss", "ibot_loss", "optimizer", "fp16_scaler"):
         bad = first_non_finite(ckpt.get(entry, {}), entry)
         if bad is not None:
             raise UsageError(f"cannot resume from {path}: {bad} holds non-finite values (NaN or inf). "
@@ -92,6 +93,18 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+
+
+def check_same_ibot(ckpt: Mapping[str, Any], dino: DINO, path: Path) -> None:
+    """iBOT on in both runs or in neither (the iBOT centre, ``ibot_loss``, is saved only with it): with a
+    shared patch head the networks alone would not tell."""
+    if ("ibot_loss" in ckpt) == (dino.ibot is not None):
+        return
+    saved = (ckpt.get("args") or {}).get("ibot_weight")
+    then = f"with iBOT (--ibot_weight {saved})" if "ibot_loss" in ckpt else "without iBOT"
+    now = f"--ibot_weight {dino.ibot.weight}" if dino.ibot is not None else "--ibot_weight 0"
+    raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has {now}. Pass the flags it "
+                     "was trained with, or another --output_dir (or move the file away) to start afresh")
 
 
 class Checkpointer:

@@ -6,14 +6,23 @@ import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ibot import IBOTConfig
 from ..precision import PRECISION_REQUESTS, native_precision, resolve_precision, support_note
-from ._setup import UsageError, add_debug_flag, add_model_args, bool_flag, check_flags, image_channels
+from ._setup import (
+    DINOV2_PREFIX,
+    UsageError,
+    add_debug_flag,
+    add_model_args,
+    bool_flag,
+    check_flags,
+    image_channels,
+)
 
 DESCRIPTION = """Train DINO: the library's three-line DINO plus a loop.
 
@@ -86,8 +95,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--global_crop_size", default=None, type=int, help="default 224 (28 for fashion_mnist)")
     p.add_argument("--local_crop_size", default=None, type=int, help="default 96 (16 for fashion_mnist)")
     p.add_argument("--hidden_dim", default=2048, type=int)
-    p.add_argument("--koleo_weight", default=0.0, type=float,
-                   help="DINOv2's KoLeo regulariser on each global view's student features (0: off; DINOv2: 0.1)")
     p.add_argument("--bottleneck_dim", default=256, type=int)
     p.add_argument("--fused_head_loss", default=False, type=bool_flag,
                    help="apply the head's last layer inside the loss, block by block: the (views*B, out_dim) student "
@@ -101,8 +108,32 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also checkpoint when this many minutes have passed since the last save (0: off)")
     p.add_argument("--allow_schedule_change", action="store_true",
                    help="resume even if the flags that define the schedules differ from the checkpoint's")
+    add_dinov2_args(p)
     add_debug_flag(p)
     return p
+
+
+def add_dinov2_args(p: argparse.ArgumentParser) -> None:
+    """DINOv2's recipe on dino-train: the iBOT loss, Sinkhorn-Knopp, a DINOv2 ViT's registers and layer-scale."""
+    g = p.add_argument_group("DINOv2 recipe (docs/dinov2.md; iBOT needs a dinov2_vit_* arch)")
+    g.add_argument("--ibot_weight", default=0.0, type=float,
+                   help="weight of DINOv2's masked-patch iBOT loss in the total (0: off; DINOv2: 1.0)")
+    g.add_argument("--ibot_head", default=None, choices=["separate", "shared"],
+                   help="iBOT's patch head: separate (its own, DINOv2's default) or shared (the DINO head)")
+    g.add_argument("--ibot_out_dim", default=None, type=int,
+                   help="prototypes of a separate patch head (default: --out_dim)")
+    g.add_argument("--mask_probability", default=None, type=float,
+                   help="share of the global crops that get a block mask (default 0.5, DINOv2's)")
+    g.add_argument("--mask_ratio", default=None, type=float, nargs="+", metavar="RATIO",
+                   help="LOW HIGH: share of a masked crop's patches, spread over [LOW, HIGH] (default 0.1 0.5)")
+    g.add_argument("--koleo_weight", default=0.0, type=float,
+                   help="DINOv2's KoLeo regulariser on each global view's student features (0: off; DINOv2: 0.1)")
+    g.add_argument("--centering", default="centering", choices=["centering", "sinkhorn_knopp"],
+                   help="the teachers' targets, DINO's and iBOT's: the EMA centre (DINO) or Sinkhorn-Knopp (DINOv2)")
+    g.add_argument("--num_register_tokens", default=0, type=int,
+                   help="dinov2_vit_*: register tokens (DINOv2's _reg models: 4)")
+    g.add_argument("--layerscale", default=None, type=float,
+                   help="dinov2_vit_*: layer-scale start value (DINOv2 trains with 1e-5; default: no layer-scale)")
 
 
 FLAG_RULES = dict(
@@ -116,8 +147,10 @@ FLAG_RULES = dict(
     lr=">0", warmup_teacher_temp=">0", teacher_temp=">0", time_budget_min=">0",
     min_lr=">=0", save_every_min=">=0", weight_decay=">=0", weight_decay_end=">=0", clip_grad=">=0", koleo_weight=">=0",
     momentum_teacher="[0,1]", drop_path_rate="[0,1)", global_crops_scale="(0,1]", local_crops_scale="(0,1]",
-    output_dir="outdir",
+    output_dir="outdir", ibot_weight=">=0", ibot_out_dim="int>=1", mask_probability="[0,1]", mask_ratio="[0,1]",
+    num_register_tokens="int>=0", layerscale=">0",
 )
+IBOT_ONLY_FLAGS = ("ibot_head", "ibot_out_dim", "mask_probability", "mask_ratio")
 
 
 def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: bool = True) -> None:
@@ -136,7 +169,54 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: b
         setattr(args, name, value)
     if args.augment == "batched" and not small:
         raise UsageError("--augment batched needs equal-size uint8 images: use it with --dataset fashion_mnist")
+    check_dinov2_flags(args)
     args.in_chans = image_channels(args.dataset, args.arch)
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_dinov2_flags(args: argparse.Namespace) -> None:
+    """The DINOv2 flags against the arch and each other (one line naming the flag and its value), then
+    the iBOT defaults filled in (None until here, so a flag given without iBOT is named)."""
+    dinov2 = args.arch.startswith(DINOV2_PREFIX)
+    if args.ibot_weight > 0 and not dinov2:
+        raise UsageError(f"--ibot_weight {args.ibot_weight}: iBOT needs a dinov2_vit_* arch (dinov2_vit_small, "
+                         f"_base, _large: masked patch tokens), not --arch {args.arch}")
+    for name in ("num_register_tokens", "layerscale"):
+        if getattr(args, name) and not dinov2:
+            raise UsageError(f"--{name} {getattr(args, name)}: only the dinov2_vit_* archs have it, "
+                             f"not --arch {args.arch}")
+    given = next((name for name in IBOT_ONLY_FLAGS if getattr(args, name) is not None), None)
+    if args.ibot_weight == 0 and given is not None:
+        raise UsageError(f"--{given} {_shown(getattr(args, given))}: an iBOT option, and iBOT is off; "
+                         "pass --ibot_weight > 0 (DINOv2: 1) to turn it on")
+    if args.ibot_weight > 0 and args.fused_head_loss:
+        raise UsageError(f"--fused_head_loss {args.fused_head_loss} with --ibot_weight {args.ibot_weight}: the fused "
+                         "head loss covers the DINO loss only; expected one or the other")
+    ratio = args.mask_ratio
+    if ratio is not None and (len(ratio) != 2 or ratio[0] > ratio[1]):
+        raise UsageError(f"--mask_ratio {_shown(ratio)}: expected two numbers (low high), low <= high")
+    if args.ibot_head == "shared" and args.ibot_out_dim not in (None, args.out_dim):
+        raise UsageError(f"--ibot_out_dim {args.ibot_out_dim} with --ibot_head shared: the shared head has "
+                         f"--out_dim {args.out_dim} prototypes; drop --ibot_out_dim or use --ibot_head separate")
+    if dinov2:
+        for name in ("global_crop_size", "local_crop_size"):
+            if getattr(args, name) % args.patch_size:
+                raise UsageError(f"--{name} {getattr(args, name)}: not a multiple of --patch_size {args.patch_size}; "
+                                 f"{args.arch} takes whole patches")
+    args.ibot_head = args.ibot_head or "separate"
+    args.mask_probability = 0.5 if args.mask_probability is None else args.mask_probability
+    args.mask_ratio = (0.1, 0.5) if args.mask_ratio is None else tuple(args.mask_ratio)
+
+
+def ibot_config(args: argparse.Namespace) -> Optional[IBOTConfig]:
+    """The iBOT part of DINO the flags ask for (None: --ibot_weight 0); its masks are seeded by --seed."""
+    if args.ibot_weight == 0:
+        return None
+    return IBOTConfig(weight=args.ibot_weight, head=args.ibot_head, mask_probability=args.mask_probability,
+                      mask_ratio=args.mask_ratio, out_dim=args.ibot_out_dim, seed=args.seed)
 
 
 def settle_precision(args: argparse.Namespace, device: torch.device, prog: str, announce: bool = True) -> None:
