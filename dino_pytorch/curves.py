@@ -6,7 +6,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -92,11 +92,77 @@ def _mark_collapses(ax: Any, marks: list[tuple[float, str]]) -> None:
                     textcoords="offset points", color="red", fontsize=8)
 
 
+# The parts of the loss (dino.loss_parts, unweighted) that step records carry with iBOT or KoLeo on.
+LOSS_PART_LABELS = {"dino_loss": "DINO", "ibot_loss": "iBOT (masked patches)", "koleo_loss": "KoLeo"}
+
+
+def _loss_panel(ax: Any, records: Sequence[Mapping[str, Any]], loss: tuple[list[float], list[float], str]) -> None:
+    """The loss; with iBOT or KoLeo in the records, the total and each (unweighted) part as lines."""
+    xs, ys, x_key = loss
+    parts = [(label, _series(records, key)) for key, label in LOSS_PART_LABELS.items()]
+    parts = [(label, s) for label, s in parts if s[0]]
+    if not any(label != "DINO" for label, _ in parts):  # DINO alone: its part is the loss itself
+        ax.plot(xs, ys, lw=1)
+        ax.set(xlabel=x_key, ylabel="train loss", title="DINO loss")
+    else:
+        ax.plot(xs, ys, lw=1.5, color="black", label="total (train_loss)")
+        for label, (part_xs, part_ys, _) in parts:
+            ax.plot(part_xs, part_ys, lw=1, label=label)
+        ax.set(xlabel=x_key, ylabel="loss", title="loss and its parts (unweighted)")
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _knn_panel(ax: Any, knn: list[tuple[str, tuple[list[float], list[float], str]]]) -> None:
+    for key, (xs, ys, _) in knn:
+        ax.plot(xs, ys, marker="o", ms=3, label=KNN_LABELS[key])
+    ax.set(xlabel=knn[-1][1][2], ylabel="accuracy (%)", title="k-NN")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _entropy_panel(ax: Any, records: Sequence[Mapping[str, Any]],
+                   entropies: list[tuple[str, tuple[list[float], list[float], str]]]) -> None:
+    thresholds = CollapseThresholds()
+    for label, (xs, ys, _) in entropies:
+        ax.plot(xs, ys, lw=1, label=label)
+    ln_k = _ln_k(records)
+    lines = [(thresholds.one_hot_entropy, "one-hot collapse below (ln 4)", "red")]
+    if ln_k is not None:
+        lines = [(ln_k, f"ln K = {ln_k:.2f}", "black"),
+                 (thresholds.uniform_fraction * ln_k,
+                  f"uniform collapse above ({thresholds.uniform_fraction:g} ln K)", "darkorange"), *lines]
+    for y, label, colour in lines:
+        ax.axhline(y, ls="--", lw=1, color=colour, label=label)
+    x_key = entropies[0][1][2]
+    _mark_collapses(ax, _collapse_marks(records, x_key))
+    ax.set(xlabel=x_key, ylabel="nats", title="collapse monitor: teacher entropy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _prototypes_panel(ax: Any, records: Sequence[Mapping[str, Any]],
+                      prototypes: tuple[list[float], list[float], str]) -> None:
+    thresholds = CollapseThresholds()
+    xs, ys, x_key = prototypes
+    ax.plot(xs, ys, lw=1, label="prototypes winning the argmax")
+    ax.axhline(thresholds.one_hot_prototypes, ls="--", lw=1, color="red",
+               label=f"one-hot collapse at or below {thresholds.one_hot_prototypes}")
+    _mark_collapses(ax, _collapse_marks(records, x_key))
+    # From 1 to K (65536 in the official head): only a log axis shows both ends.
+    ax.set_yscale("log")
+    ax.set(xlabel=x_key, ylabel="prototypes used", title="collapse monitor: prototypes used")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def curves_figure(log_path_or_records: Records) -> Figure:
     """The figure :func:`plot_curves` saves (Agg canvas), e.g. to read its panels' titles.
 
-    Panels, each when its keys are present: "DINO loss"; "k-NN"; "collapse monitor: teacher
-    entropy" (row and batch-mean entropy, student-teacher KL, against ln K, the uniform-collapse
+    Panels, each when its keys are present: "DINO loss" (with iBOT or KoLeo in the records, "loss
+    and its parts (unweighted)": the total and the ``dino_loss`` / ``ibot_loss`` / ``koleo_loss``
+    lines); "k-NN"; "collapse monitor: teacher entropy"
+    (row and batch-mean entropy, student-teacher KL, against ln K, the uniform-collapse
     line ``uniform_fraction * ln K`` and the one-hot line ``one_hot_entropy`` of
     :class:`~dino_pytorch.diagnostics.CollapseThresholds`); "collapse monitor: prototypes used".
     Records with a ``collapse`` warning are marked by a red line on the monitor panels.
@@ -114,7 +180,11 @@ def curves_figure(log_path_or_records: Records) -> Figure:
     prototypes = _series(records, "prototypes_used")
     if not loss[0] and not knn:
         raise ValueError(f"{log_path_or_records!r}: no train_loss or knn_top1 values to plot")
-    n = sum(map(bool, (loss[0], knn, entropies, prototypes[0])))
+    panels: list[Callable[[Any], None]] = [draw for present, draw in (
+        (loss[0], lambda ax: _loss_panel(ax, records, loss)), (knn, lambda ax: _knn_panel(ax, knn)),
+        (entropies, lambda ax: _entropy_panel(ax, records, entropies)),
+        (prototypes[0], lambda ax: _prototypes_panel(ax, records, prototypes))) if present]
+    n = len(panels)
     # Up to two panels side by side; the monitor's two make a 2 x 2 grid.
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -124,50 +194,8 @@ def curves_figure(log_path_or_records: Records) -> Figure:
     grid = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in grid[n:]:
         ax.remove()
-    axes = iter(grid[:n])
-    if loss[0]:
-        ax = next(axes)
-        xs, ys, x_key = loss
-        ax.plot(xs, ys, lw=1)
-        ax.set(xlabel=x_key, ylabel="train loss", title="DINO loss")
-        ax.grid(alpha=0.3)
-    if knn:
-        ax = next(axes)
-        for key, (xs, ys, _) in knn:
-            ax.plot(xs, ys, marker="o", ms=3, label=KNN_LABELS[key])
-        ax.set(xlabel=knn[-1][1][2], ylabel="accuracy (%)", title="k-NN")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    thresholds = CollapseThresholds()
-    if entropies:
-        ax = next(axes)
-        for label, (xs, ys, _) in entropies:
-            ax.plot(xs, ys, lw=1, label=label)
-        ln_k = _ln_k(records)
-        lines = [(thresholds.one_hot_entropy, "one-hot collapse below (ln 4)", "red")]
-        if ln_k is not None:
-            lines = [(ln_k, f"ln K = {ln_k:.2f}", "black"),
-                     (thresholds.uniform_fraction * ln_k,
-                      f"uniform collapse above ({thresholds.uniform_fraction:g} ln K)", "darkorange"), *lines]
-        for y, label, colour in lines:
-            ax.axhline(y, ls="--", lw=1, color=colour, label=label)
-        x_key = entropies[0][1][2]
-        _mark_collapses(ax, _collapse_marks(records, x_key))
-        ax.set(xlabel=x_key, ylabel="nats", title="collapse monitor: teacher entropy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if prototypes[0]:
-        ax = next(axes)
-        xs, ys, x_key = prototypes
-        ax.plot(xs, ys, lw=1, label="prototypes winning the argmax")
-        ax.axhline(thresholds.one_hot_prototypes, ls="--", lw=1, color="red",
-                   label=f"one-hot collapse at or below {thresholds.one_hot_prototypes}")
-        _mark_collapses(ax, _collapse_marks(records, x_key))
-        # From 1 to K (65536 in the official head): only a log axis shows both ends.
-        ax.set_yscale("log")
-        ax.set(xlabel=x_key, ylabel="prototypes used", title="collapse monitor: prototypes used")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for ax, draw in zip(grid, panels):
+        draw(ax)
     fig.tight_layout()
     return fig
 
@@ -175,7 +203,8 @@ def curves_figure(log_path_or_records: Records) -> Figure:
 def plot_curves(log_path_or_records: Records, out_png: Union[str, os.PathLike]) -> Path:
     """Plot the curves of a log to ``out_png`` (the panels of :func:`curves_figure`).
 
-    ``train_loss`` and ``knn_top1`` / ``knn_top1_subset`` / ``knn_top5``; with the collapse
+    ``train_loss`` (with ``ibot_loss`` or ``koleo_loss`` in the records, the loss's parts as lines
+    of its panel) and ``knn_top1`` / ``knn_top1_subset`` / ``knn_top5``; with the collapse
     monitor's numbers (``teacher_entropy``, ``teacher_mean_entropy``, ``student_teacher_kl``,
     ``prototypes_used``) two more panels, and a red line at each record with a ``collapse``
     warning.

@@ -83,3 +83,16 @@ def test_old_log_without_monitor_keys_keeps_two_panels(tmp_path):
     fig = curves_figure(partial)
     assert [ax.get_title() for ax in fig.axes] == ["DINO loss", "collapse monitor: teacher entropy"]
     assert dashed_levels(fig.axes[1]) == pytest.approx([math.log(4)])
+
+
+def test_the_loss_parts_are_lines_of_the_loss_panel_when_ibot_or_koleo_is_on():
+    parts = [{"step": 10 * i, "train_loss": 9.0 - 0.1 * i, "dino_loss": 6.0 - 0.1 * i, "ibot_loss": 3.0 - 0.05 * i,
+              "koleo_loss": 0.5} for i in range(1, 6)]
+    ax = curves_figure(parts).axes[0]
+    assert ax.get_title() == "loss and its parts (unweighted)"
+    assert [line.get_label() for line in ax.lines] == ["total (train_loss)", "DINO", "iBOT (masked patches)", "KoLeo"]
+    assert list(ax.lines[2].get_ydata()) == [r["ibot_loss"] for r in parts]
+    # DINO alone (a v1 run logs its dino_loss too): the part is the loss, one line as before.
+    v1 = [{k: r[k] for k in ("step", "train_loss", "dino_loss")} for r in parts]
+    ax = curves_figure(v1).axes[0]
+    assert ax.get_title() == "DINO loss" and len(ax.lines) == 1
