@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Optional, TypedDict, Union
+from typing import Any, Callable, Optional, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,48 @@ def _check_options(**options: Any) -> dict[str, Any]:
     )
 
 
-class DinoVisionTransformer(nn.Module):
+class Dinov2Calls(nn.Module):
+    """DINOv2's two calls over a model's ``_features(x, masks) -> Dinov2Features``: shared by
+    :class:`DinoVisionTransformer` and the adapter of other ViTs (:mod:`.masked_vit`)."""
+
+    # Each model computes its tokens its own way: (B, C, H, W) images and (B, N) masks -> the dict.
+    _features: Callable[[Tensor, Optional[Tensor]], Dinov2Features]
+
+    def _cls_output(self, cls: Tensor) -> Tensor:
+        return cls
+
+    def forward_features(
+        self, x: Union[Tensor, list[Tensor]], masks: Union[Tensor, None, list[Optional[Tensor]]] = None
+    ) -> Union[Dinov2Features, list[Dinov2Features]]:
+        """DINOv2's features of (B, C, H, W) images, masked patches (``masks`` (B, N) bool) replaced.
+
+        A list of image batches (e.g. global and local crops, with a list of masks or None) gives
+        a list of results, each batch run on its own (DINOv2 joins them with xFormers' nested
+        attention, which gives the same numbers).
+        """
+        if isinstance(x, list):
+            mask_list = masks if isinstance(masks, list) else [None] * len(x)
+            if len(mask_list) != len(x):
+                raise ValueError(f"{len(x)} image batches but {len(mask_list)} masks")
+            return [self._features(xi, mi) for xi, mi in zip(x, mask_list)]
+        if isinstance(masks, list):
+            raise TypeError("masks is a list but x is a tensor; expected a (B, N) bool tensor or None")
+        return self._features(x, masks)
+
+    def forward(
+        self, x: Tensor, masks: Optional[Tensor] = None, *, is_training: bool = False
+    ) -> Union[Tensor, Dinov2Features, list[Dinov2Features]]:
+        """(B, C, H, W) -> (B, D) final-normed CLS features; ``is_training=True`` returns
+        :meth:`forward_features`' dict instead, as DINOv2's forward."""
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        if isinstance(out, list):
+            raise TypeError("forward(list of batches) needs is_training=True (it returns one dict per batch)")
+        return self._cls_output(out["x_norm_clstoken"])
+
+
+class DinoVisionTransformer(Dinov2Calls):
     """DINOv2's ViT: registers, layer-scale, a mask token; DINOv2's ``state_dict`` layout and numerics.
 
     Args:
@@ -259,37 +300,8 @@ class DinoVisionTransformer(nn.Module):
         return Dinov2Features(x_norm_clstoken=normed[:, 0], x_norm_regtokens=normed[:, 1:1 + r],
                               x_norm_patchtokens=normed[:, 1 + r:], x_prenorm=tokens, masks=masks)
 
-    def forward_features(
-        self, x: Union[Tensor, list[Tensor]], masks: Union[Tensor, None, list[Optional[Tensor]]] = None
-    ) -> Union[Dinov2Features, list[Dinov2Features]]:
-        """DINOv2's features of (B, C, H, W) images, masked patches (``masks`` (B, N) bool) replaced.
-
-        A list of image batches (e.g. global and local crops, with a list of masks or None) gives
-        a list of results, each batch run on its own (DINOv2 joins them with xFormers' nested
-        attention, which gives the same numbers).
-        """
-        if isinstance(x, list):
-            mask_list = masks if isinstance(masks, list) else [None] * len(x)
-            if len(mask_list) != len(x):
-                raise ValueError(f"{len(x)} image batches but {len(mask_list)} masks")
-            return [self._features(xi, mi) for xi, mi in zip(x, mask_list)]
-        if isinstance(masks, list):
-            raise TypeError("masks is a list but x is a tensor; expected a (B, N) bool tensor or None")
-        return self._features(x, masks)
-
-    def forward(
-        self, x: Tensor, masks: Optional[Tensor] = None, *, is_training: bool = False
-    ) -> Union[Tensor, Dinov2Features, list[Dinov2Features]]:
-        """(B, C, H, W) -> (B, D) final-normed CLS token (through ``head``, an Identity).
-
-        ``is_training=True`` returns :meth:`forward_features`' dict instead, as DINOv2's forward.
-        """
-        out = self.forward_features(x, masks)
-        if is_training:
-            return out
-        if isinstance(out, list):
-            raise TypeError("forward(list of batches) needs is_training=True (it returns one dict per batch)")
-        return self.head(out["x_norm_clstoken"])
+    def _cls_output(self, cls: Tensor) -> Tensor:
+        return self.head(cls)  # an Identity, as DINOv2's
 
     def get_intermediate_layers(
         self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .dinov2_vit import Dinov2Features, DinoVisionTransformer
+from .dinov2_vit import Dinov2Calls, Dinov2Features, DinoVisionTransformer
 from .vision_transformer import VisionTransformer
 
 PREFIX = "vit."  # where the wrapped model's state_dict keys appear in the adapter's
@@ -54,7 +54,7 @@ def _timm_patch_size(vit: Any) -> int:
     return int(patch[0])
 
 
-class MaskedViT(nn.Module):
+class MaskedViT(Dinov2Calls):
     """A ViT with DINOv2's ``forward_features(x, masks=None)``: see the module docstring.
 
     Args:
@@ -166,30 +166,6 @@ class MaskedViT(nn.Module):
                               x_prenorm=prenorm, masks=masks)
 
     # ----------------------------------------------------------------------- DINOv2's calls
-
-    def forward_features(
-        self, x: Union[Tensor, list[Tensor]], masks: Union[Tensor, None, list[Optional[Tensor]]] = None
-    ) -> Union[Dinov2Features, list[Dinov2Features]]:
-        """DINOv2's features of (B, C, H, W) images (masked patches, ``masks`` (B, N) bool, replaced by
-        ``mask_token``); a list of batches (and of masks or None) gives a list of dicts."""
-        if isinstance(x, list):
-            mask_list = masks if isinstance(masks, list) else [None] * len(x)
-            if len(mask_list) != len(x):
-                raise ValueError(f"{len(x)} image batches but {len(mask_list)} masks")
-            return [self._features(xi, mi) for xi, mi in zip(x, mask_list)]
-        if isinstance(masks, list):
-            raise TypeError("masks is a list but x is a tensor; expected a (B, N) bool tensor or None")
-        return self._features(x, masks)
-
-    def forward(self, x: Tensor, masks: Optional[Tensor] = None, *, is_training: bool = False
-                ) -> Union[Tensor, Dinov2Features, list[Dinov2Features]]:
-        """(B, C, H, W) -> (B, D) the model's own features; ``is_training=True`` returns the dict, as DINOv2."""
-        out = self.forward_features(x, masks)
-        if is_training:
-            return out
-        if isinstance(out, list):
-            raise TypeError("forward(list of batches) needs is_training=True (it returns one dict per batch)")
-        return out["x_norm_clstoken"]
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}, patch_size={self.patch_size}, mask_token=(1, {self.embed_dim})"
