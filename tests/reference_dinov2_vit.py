@@ -14,7 +14,8 @@ Copyright (c) Meta Platforms, Inc. and affiliates. Licensed under the Apache Lic
 below. Changes from the original: the files are joined into one module; the xFormers paths
 (MemEffAttention, NestedTensorBlock, forward_features_list, list inputs) and the SwiGLU FFN are
 removed, so attention is always the plain `Attention` (F.scaled_dot_product_attention); logging
-calls are removed. Everything else, numerics included, is unchanged.
+calls are removed; an unknown ffn_layer raises ValueError, and a FIXME comment is reworded. Everything
+else, numerics included, is unchanged.
 """
 # Copyright (c) Meta Platforms, Inc. and affiliates.
 #
@@ -287,7 +288,7 @@ class Block(nn.Module):
             )
         elif self.training and self.sample_drop_ratio > 0.0:
             x = x + self.drop_path1(attn_residual_func(x))
-            x = x + self.drop_path1(ffn_residual_func(x))  # FIXME: drop_path2
+            x = x + self.drop_path1(ffn_residual_func(x))  # (sic: the original uses drop_path1 here too)
         else:
             x = x + attn_residual_func(x)
             x = x + ffn_residual_func(x)
@@ -400,7 +401,7 @@ class DinoVisionTransformer(nn.Module):
 
             ffn_layer = f
         else:
-            raise NotImplementedError
+            raise ValueError(f"ffn_layer={ffn_layer!r} is not in this copy")
 
         blocks_list = [
             block_fn(
