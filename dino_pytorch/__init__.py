@@ -5,7 +5,7 @@ from .dino import DINO
 from .head import DINOHead
 from .ibot import IBOTConfig
 from .koleo import KoLeoLoss
-from .losses import DINOLoss, IBOTPatchLoss
+from .losses import DINOLoss, GramLoss, IBOTPatchLoss, resize_patch_grid
 from .masking import BlockMasking
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
@@ -19,6 +19,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "EMATeacher",
+    "GramLoss",
     "IBOTConfig",
     "IBOTPatchLoss",
     "KoLeoLoss",
@@ -26,4 +27,5 @@ __all__ = [
     "MultiCropTransform",
     "MultiCropWrapper",
     "cosine_scheduler",
+    "resize_patch_grid",
 ]
