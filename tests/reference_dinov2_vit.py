@@ -14,7 +14,7 @@ Copyright (c) Meta Platforms, Inc. and affiliates. Licensed under the Apache Lic
 below. Changes from the original: the files are joined into one module; the xFormers paths
 (MemEffAttention, NestedTensorBlock, forward_features_list, list inputs) and the SwiGLU FFN are
 removed, so attention is always the plain `Attention` (F.scaled_dot_product_attention); logging
-calls are removed; an unknown ffn_layer raises ValueError, and a FIXME comment is reworded. Everything
+calls are removed; an unknown ffn_layer raises ValueError, and one comment is reworded. Everything
 else, numerics included, is unchanged.
 """
 # Copyright (c) Meta Platforms, Inc. and affiliates.
