@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST read straight from the Debian package's idx files, and ImageFolder."""
+"""Datasets: Fashion-MNIST read straight from the Debian package's idx files, and the per-sample
+seeding of augmentations. Any folder of images or file list: :mod:`dino_pytorch.data`."""
 from __future__ import annotations
 
 import gzip
@@ -108,7 +109,8 @@ class SeededTransform(Dataset):
 
     Items are ``(transform(image), label)``, or ``(transform(image), label, key)`` with
     ``return_key=True``: the key lets the training loop seed an on-device batched augmenter per
-    sample too.  ``transform=None`` passes images through untouched (no seeding needed).
+    sample too. Entries of the dataset's items after the label (an
+    :class:`~dino_pytorch.data.ImageFiles`' replaced files) follow unchanged.  ``transform=None`` passes images through untouched (no seeding needed).
     """
 
     def __init__(self, dataset: Dataset, transform: Optional[Callable], seed: int = 0, *,
@@ -119,9 +121,9 @@ class SeededTransform(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: int) -> tuple[Any, ...]:
-        image, label = self.dataset[int(key) % len(self)]
+        image, label, *extra = self.dataset[int(key) % len(self)]
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, key))
                 image = self.transform(image)
-        return (image, label, int(key)) if self.return_key else (image, label)
+        return (image, label, int(key), *extra) if self.return_key else (image, label, *extra)

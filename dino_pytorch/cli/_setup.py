@@ -158,6 +158,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_path", default=None,
                         help="imagefolder: folder with train/ and val/; fashion_mnist: folder of the idx files "
                              "(default: dino_pytorch.datasets.FASHION_MNIST_DIR)")
+    parser.add_argument("--train_data", default=None, metavar="PATH",
+                        help="own data: the train (bank) images, a folder tree or a file list, labelled by class "
+                             "subfolders or 'path<TAB>class' lines (with --val_data; docs/own-data.md)")
+    parser.add_argument("--val_data", default=None, metavar="PATH", help="own data: the val (query) images")
     parser.add_argument("--subset", type=int, default=None, help="use only the first N train and N test images")
     parser.add_argument("--batch_size_per_gpu", type=int, default=128, help="batch size of the data loaders")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -174,11 +178,14 @@ def eval_setup(args: argparse.Namespace, train_augment: bool) -> tuple[nn.Module
     with setup_phase():
         model, config = backbone_for_eval(args, device)
         data = config["data"]
-        dataset = args.dataset or data.get("dataset") or "imagefolder"
+        dataset = args.dataset or ("imagefolder" if args.train_data else data.get("dataset")) or "imagefolder"
         channels = data.get("in_chans") or image_channels(dataset, config["arch"])
         size = data.get("image_size") or (28 if dataset == "fashion_mnist" else 224)
-        train_set, test_set = eval_datasets(dataset, args.data_path, channels, size, train_augment=train_augment,
-                                            subset=args.subset)
+        # The training's statistics (and band value range) apply to the same kind of data only.
+        stats = data if data.get("dataset") == dataset else None
+        train_set, test_set = eval_datasets(dataset, args.train_data or args.data_path, channels, size,
+                                            train_augment=train_augment, subset=args.subset, stats=stats,
+                                            val_path=args.val_data)
     return model, train_set, test_set, device
 
 
@@ -312,10 +319,14 @@ class _ImageTensor(Dataset):
 
 def eval_datasets(
     dataset: str, data_path: Optional[str], channels: int, image_size: int,
-    *, train_augment: bool = False, subset: Optional[int] = None,
+    *, train_augment: bool = False, subset: Optional[int] = None, stats: Optional[dict[str, Any]] = None,
+    val_path: Optional[str] = None,
 ) -> tuple[Dataset, Dataset]:
     """(train, test) with the official evaluation transforms; ``train_augment`` adds the linear
-    probe's flips (Fashion-MNIST) or its RandomResizedCrop + flip (ImageFolder)."""
+    probe's flips (Fashion-MNIST) or its RandomResizedCrop + flip (own data). ``stats``: the
+    training's ``mean`` / ``std`` (and ``value_range``), a checkpoint's ``model_config["data"]``.
+    imagefolder: ``data_path`` holds ``train/`` and ``val/``, or ``data_path`` and ``val_path`` are
+    the two folders or file lists (:func:`dino_pytorch.data.own_eval_sets`)."""
     if dataset == "fashion_mnist":
         from ..datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 
@@ -325,22 +336,19 @@ def eval_datasets(
             x = images.float().div_(255)
             if image_size != x.shape[-1]:
                 x = torch.nn.functional.interpolate(x, size=image_size, mode="bicubic", align_corners=False)
-            x = (x - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+            mean, std = ((stats["mean"][0], stats["std"][0]) if stats and stats.get("mean")
+                         else (FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0]))
+            x = (x - mean) / std
             sets.append(_ImageTensor(x, labels, channels, train and train_augment, FASHION_MNIST_CLASSES))
         train_set, test_set = sets
     elif dataset == "imagefolder":
-        from torchvision import transforms as T
-        from torchvision.datasets import ImageFolder
+        from ..data import has_split_folders, own_eval_sets
 
-        from ..augment import IMAGENET_MEAN, IMAGENET_STD
-
-        if not data_path or not os.path.isdir(os.path.join(data_path, "train")):
-            raise UsageError(f"--data_path {data_path!r}: expected a folder with train/ and val/ image folders")
-        normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        val = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), *normalize])
-        train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *normalize]) if train_augment else val
-        train_set = ImageFolder(os.path.join(data_path, "train"), transform=train_tf)
-        test_set = ImageFolder(os.path.join(data_path, "val"), transform=val)
+        if val_path is None and not has_split_folders(data_path):
+            raise UsageError(f"--data_path {data_path!r}: expected a folder with train/ and val/ image folders "
+                             "(or --train_data and --val_data)")
+        train_set, test_set = own_eval_sets(data_path, val_path, channels=channels, image_size=image_size,  # type: ignore[arg-type]
+                                            stats=stats, train_augment=train_augment)
     else:
         raise UsageError(f"--dataset {dataset!r}, expected imagefolder or fashion_mnist")
     if subset is not None and subset < 1:

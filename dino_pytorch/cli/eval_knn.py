@@ -3,6 +3,10 @@
     dino-eval-knn --pretrained_weights runs/demo/checkpoint.pth     # network and data from the file
     dino-eval-knn --arch vit_small --patch_size 16 --pretrained_weights dino_deitsmall16_pretrain.pth \
         --data_path /data/imagenet
+    dino-eval-knn --pretrained_weights runs/own/checkpoint.pth --train_data bank/ --val_data queries.txt
+
+Own data (folders or file lists, labelled by class subfolders or 'path<TAB>class' lines) is read with
+the checkpoint's statistics and band value range; unlabelled data is a one-line error.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ..checkpoint import refused_global
+from ..data import DecodeError
 from ..eval.knn import extract_features, knn_eval, load_features, save_features
 from ._setup import (
     UsageError,
@@ -23,6 +28,7 @@ from ._setup import (
     run_program,
     setup_phase,
 )
+from .eval_data import check_own_data_flags, require_labels, unreadable_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +73,16 @@ def _main(argv: Optional[Sequence[str]]) -> dict[int, tuple[float, float]]:
             raise UsageError(f"--load_features {args.load_features!r}: a feature file refers to {name}, which safe "
                              "loading refuses: unpickling it can run code") from None
     else:
+        check_own_data_flags(args)
         model, train_set, test_set, device = eval_setup(args, train_augment=False)
+        require_labels(args, train_set, test_set)
         print(f"Extracting features of {len(train_set)} train and {len(test_set)} test images.")  # type: ignore[arg-type]
         loader = lambda d: make_loader(d, args.batch_size_per_gpu, args.num_workers, device)  # noqa: E731
-        train_f, train_l = extract_features(model, loader(train_set), device)
-        test_f, test_l = extract_features(model, loader(test_set), device)
+        try:
+            train_f, train_l = extract_features(model, loader(train_set), device)
+            test_f, test_l = extract_features(model, loader(test_set), device)
+        except DecodeError as err:
+            raise unreadable_file(err) from None
         if args.dump_features:
             save_features(args.dump_features, (train_f, train_l), (test_f, test_l))
     train_f, train_l = train_f.to(device), train_l.to(device)

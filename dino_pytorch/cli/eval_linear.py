@@ -1,6 +1,9 @@
 """dino-eval-linear: a linear probe on a frozen backbone (the official DINO recipe).
 
     dino-eval-linear --pretrained_weights runs/fm/checkpoint.pth --epochs 10
+    dino-eval-linear --pretrained_weights runs/own/checkpoint.pth --train_data train.txt --val_data val.txt
+
+Own data is read with the checkpoint's statistics and band value range; it needs labels.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from ..data import DecodeError
 from ..eval.linear import num_labels, train_linear_probe
 from ._setup import (
     UsageError,
@@ -21,6 +25,7 @@ from ._setup import (
     output_dir,
     run_program,
 )
+from .eval_data import check_own_data_flags, require_labels, unreadable_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +68,9 @@ def _main(argv: Optional[Sequence[str]]) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     check_flags(args, n_last_blocks="int>=1", epochs="int>=1", lr=">0", num_labels="int>=1", val_freq="int>=1",
                 output_dir="outdir")
+    check_own_data_flags(args)
     model, train_set, val_set, device = eval_setup(args, train_augment=not args.precompute_features)
+    require_labels(args, train_set, val_set)
     for flag in ("avgpool_patchtokens", "official_interleave"):
         if getattr(args, flag) and not hasattr(model, "get_intermediate_layers"):
             raise UsageError(f"--{flag} true needs a ViT (the model, {type(model).__name__}, has no patch tokens); "
@@ -79,13 +86,17 @@ def _main(argv: Optional[Sequence[str]]) -> dict[str, Any]:
     def loader(dataset: Any, shuffle: bool = False) -> Any:
         return make_loader(dataset, args.batch_size_per_gpu, args.num_workers, device, shuffle=shuffle)
 
-    result = train_linear_probe(
-        model, loader(train_set, shuffle=not args.precompute_features), loader(val_set),
-        args.num_labels or num_labels(train_set), epochs=args.epochs, lr=args.lr, n_last_blocks=args.n_last_blocks,
-        avgpool_patchtokens=args.avgpool_patchtokens, official_interleave=args.official_interleave,
-        device=device, val_freq=args.val_freq, precompute_features=args.precompute_features,
-        checkpoint_path=os.path.join(out, "checkpoint.pth.tar"), log=log,
-    )
+    try:
+        result = train_linear_probe(
+            model, loader(train_set, shuffle=not args.precompute_features), loader(val_set),
+            args.num_labels or num_labels(train_set), epochs=args.epochs, lr=args.lr,
+            n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,
+            official_interleave=args.official_interleave, device=device, val_freq=args.val_freq,
+            precompute_features=args.precompute_features, checkpoint_path=os.path.join(out, "checkpoint.pth.tar"),
+            log=log,
+        )
+    except DecodeError as err:
+        raise unreadable_file(err) from None
     print(f"Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy: {result['best_top1']:.1f} (best), {result['final_top1']:.1f} (final)")
     return result

@@ -41,6 +41,7 @@ from .run_control import RunControl
 from .train_checkpoint import Checkpointer, resume_or_start
 from .train_data import TrainData, build_data, make_views
 from .train_evals import KnnEvals
+from .train_sources import OwnDataKnn, open_train_data, own_attention_maps
 from .train_flags import get_args_parser, ibot_config, resolve_defaults
 from .train_report import RunLog, write_pictures
 
@@ -135,8 +136,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     torch.backends.cudnn.benchmark = True
 
     # ---- data ------------------------------------------------------------------------------------
+    source = open_train_data(args, announce=rank == 0)  # the files, --in_chans, --mean / --std (auto)
     config = config_from_flags(args, args.dataset, args.in_chans, args.global_crop_size)
-    data = build_data(args, config["data"]["mean"], config["data"]["std"], rank, world_size)
+    config["data"].update(source.config_entry())  # the statistics and value range the run normalises with
+    data = build_data(args, source, rank, world_size)
     steps_per_epoch = epoch_steps(data.sampler.batches_per_epoch, args.grad_accum_steps)
     total_steps, epochs, warmup_steps = schedule_lengths(args, steps_per_epoch)
 
@@ -167,8 +170,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     monitor = CollapseMonitor(args.out_dim, CollapseThresholds(warmup_steps=warmup_steps))  # says collapse once
     run_log = RunLog(out, is_main, args.tensorboard, monitor)
     hook = FashionMNISTDemo(config, run_log) if args.dataset == "fashion_mnist" else ReportHook()
-    eval_path = None if args.dataset == "fashion_mnist" else args.data_path
-    evals = KnnEvals(args, dino, eval_path, device, run_log, hook, is_main)
+    own = args.dataset != "fashion_mnist"
+    evals = (OwnDataKnn(args, dino, source, device, run_log, hook, is_main) if own
+             else KnnEvals(args, dino, None, device, run_log, hook, is_main))
     if dino.step == 0:
         evals.at_random_init()
     if not args.no_progress:
@@ -178,6 +182,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     control = RunControl(args, world_size, device)  # SIGTERM / SIGINT, wall-clock saves, time budget
     loop = TrainLoop(args, dino, optimizer, scaler, data, rank, device, steps_per_epoch, total_steps)
     failure = loop.run(run_log, control, checkpointer, evals)
+    data.replaced.finish()  # the count of undecodable files replaced, and the first few names
     if failure is not None:
         return run_log.fail(failure)
     run_log.close()
@@ -193,7 +198,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     elif is_main:
         if not args.no_final_knn:
             evals.final(out)
-        write_pictures(out, dino.teacher_backbone, config, args.attention_maps, eval_path, run_log,
+        maps = own_attention_maps(out, dino.teacher_backbone, config, args.attention_maps, evals)
+        write_pictures(out, dino.teacher_backbone, config, maps, source.path, run_log,
                        hook=None if args.no_final_knn else hook)
     if distributed.is_distributed():
         dist.barrier()
@@ -242,6 +248,7 @@ class TrainLoop:
                               "wd": values["weight_decay"], "momentum": momentum,
                               "teacher_temp": dino.criterion.teacher_temp_at(epoch), **loss_parts(dino),
                               **{k: v.item() for k, v in dino.collapse_metrics().items()}})
+                self.data.replaced.log_point()  # a line when undecodable files were replaced since the last one
             run_log.advance()
             if step < self.total_steps:
                 evals.periodic(step)
@@ -274,7 +281,8 @@ class TrainLoop:
         args, dino = self.args, self.dino
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(args.grad_accum_steps):
-            images, _, keys = next(batches)  # keys: the samples' global indices, epoch * N + index
+            images, _, keys, *replaced = next(batches)  # keys: the samples' global indices, epoch * N + index
+            self.data.replaced.add(replaced)  # own data: the undecodable files these items stood in for
             views = make_views(images, self.data.augment_on_device, args, step, micro, self.rank, self.device,
                                keys=keys)
             torch.manual_seed(model_seed(args.seed, step, micro, self.rank))  # drop path: no RNG history

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._setup import UsageError
+from .train_sources import ReplacedFiles, TrainSource
 
 if TYPE_CHECKING:
     from ..sampler import ResumableSampler
@@ -44,43 +45,43 @@ def quiet_stop_signals(worker_id: int) -> None:
 
 class TrainData(NamedTuple):
     """The training set as dino-train reads it: ``loader`` yields (views or raw images, labels,
-    keys) batches (:func:`make_views`), ``sampler`` orders them and places a resumed epoch, and
-    ``augment_on_device`` is ``--augment batched``'s BatchedMultiCrop (None: the workers make the views)."""
+    keys[, replaced files]) batches (:func:`make_views`), ``sampler`` orders them and places a
+    resumed epoch, ``augment_on_device`` is ``--augment batched``'s BatchedMultiCrop (None: the
+    workers make the views), and ``replaced`` counts the undecodable files the items stood in for."""
 
     loader: DataLoader
     sampler: ResumableSampler
     augment_on_device: Optional[nn.Module]
+    replaced: ReplacedFiles
 
 
-def build_data(
-    args: argparse.Namespace, mean: Sequence[float], std: Sequence[float], rank: int, world_size: int
-) -> TrainData:
+def build_data(args: argparse.Namespace, source: TrainSource, rank: int, world_size: int) -> TrainData:
     """The training set's loader, sampler and on-device augmenter (or None); one recipe either way."""
     from ..augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
-    from ..datasets import FashionMNIST, SeededTransform
+    from ..data import ImageFiles
+    from ..datasets import SeededTransform
     from ..sampler import ResumableSampler
 
-    recipe = MultiCropRecipe(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                             global_crop_size=args.global_crop_size, local_crop_size=args.local_crop_size,
-                             mean=tuple(mean), std=tuple(std))
-    if args.dataset == "fashion_mnist":
-        base = FashionMNIST(train=True)
-    else:
-        from torchvision.datasets import ImageFolder
-
-        if not os.path.isdir(args.data_path):
-            raise UsageError(f"--data_path {args.data_path!r}: not a directory of image folders")
-        base = ImageFolder(args.data_path)
+    try:
+        recipe = MultiCropRecipe(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                 global_crop_size=args.global_crop_size, local_crop_size=args.local_crop_size,
+                                 mean=tuple(source.mean), std=tuple(source.std))
+    except ValueError as err:
+        raise UsageError(f"--mean / --std of {len(source.mean)} channels: the multi-crop recipe refuses them: "
+                         f"{err}") from None
+    base = source.dataset
+    if isinstance(base, ImageFiles):  # a file too small for the recipe's crops is replaced, like a corrupt one
+        base = base.copy(min_pixels=recipe.min_image_pixels)
     on_device = BatchedMultiCrop(recipe=recipe) if args.augment == "batched" else None
-    # Items are (views or raw image, label, key): the key, the sample's global index epoch * N + index,
-    # seeds the batched augmenter per sample in make_views, as it seeds the per-image one here.
+    # Items are (views or raw image, label, key[, replaced]): the key, the sample's global index
+    # epoch * N + index, seeds the batched augmenter per sample in make_views, as it seeds the per-image one here.
     dataset = SeededTransform(base, MultiCropTransform(recipe=recipe) if on_device is None else None,
                               seed=args.seed, return_key=True)
     sampler = ResumableSampler(len(dataset), args.batch_size_per_gpu, seed=args.seed, rank=rank, world_size=world_size)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=args.num_workers > 0, worker_init_fn=quiet_stop_signals)
-    return TrainData(loader, sampler, on_device)
+    return TrainData(loader, sampler, on_device, ReplacedFiles(rank == 0))
 
 
 def make_views(images: Any, augment_on_device: Any, args: argparse.Namespace, step: int, micro: int, rank: int,

@@ -21,7 +21,6 @@ from ._setup import (
     add_model_args,
     bool_flag,
     check_flags,
-    image_channels,
 )
 
 DESCRIPTION = """Train DINO: the library's three-line DINO plus a loop.
@@ -68,7 +67,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist_url", default="env://", type=str)
     p.add_argument("--local_rank", default=0, type=int, help="ignored (torchrun sets LOCAL_RANK)")
     # --- ours ---
-    p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion_mnist"])
+    p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion_mnist"],
+                   help="imagefolder: any folder tree of images or band files (--data_path) or a file list "
+                        "(--file_list), labelled by class subfolders or not (docs/own-data.md)")
+    add_data_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", default=None, choices=PRECISION_REQUESTS,
                    help="default: fp16 when --use_fp16 and on CUDA, else fp32. auto: bf16 where the device "
@@ -113,6 +115,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Own data (docs/own-data.md): a file list, the model's channels, the statistics, band value ranges."""
+    p.add_argument("--file_list", default=None, metavar="FILE",
+                   help="one image path a line (relative to the list's folder; 'path<TAB>class' for labels), "
+                        "instead of walking --data_path")
+    p.add_argument("--in_chans", default=None, type=int,
+                   help="model input channels, checked against the data (default: the data's; photos 3, "
+                        "fashion_mnist 1; 1 or 3 for photos and fashion_mnist)")
+    p.add_argument("--mean", default=None, nargs="+", metavar="auto|M",
+                   help="per-channel normalisation mean, or auto: measured on 1,000 sampled images (default: "
+                        "ImageNet's for RGB photos, Fashion-MNIST's for it, auto for other data)")
+    p.add_argument("--std", default=None, nargs="+", metavar="auto|S", help="per-channel std, or auto (as --mean)")
+    p.add_argument("--value_range", default=None, type=float, nargs="+", metavar="LOW HIGH",
+                   help="band files: values mapped from [LOW, HIGH] to [0, 1] (one pair, or one per band); "
+                        "default: the dtype's range for integers, measured on the sample for floats")
+
+
 def add_dinov2_args(p: argparse.ArgumentParser) -> None:
     """DINOv2's recipe on dino-train: the iBOT loss, Sinkhorn-Knopp, a DINOv2 ViT's registers and layer-scale."""
     g = p.add_argument_group("DINOv2 recipe (docs/dinov2.md; iBOT needs a dinov2_vit_* arch)")
@@ -148,7 +167,7 @@ FLAG_RULES = dict(
     min_lr=">=0", save_every_min=">=0", weight_decay=">=0", weight_decay_end=">=0", clip_grad=">=0", koleo_weight=">=0",
     momentum_teacher="[0,1]", drop_path_rate="[0,1)", global_crops_scale="(0,1]", local_crops_scale="(0,1]",
     output_dir="outdir", ibot_weight=">=0", ibot_out_dim="int>=1", mask_probability="[0,1]", mask_ratio="[0,1]",
-    num_register_tokens="int>=0", layerscale=">0",
+    num_register_tokens="int>=0", layerscale=">0", in_chans="int>=1", file_list="file",
 )
 IBOT_ONLY_FLAGS = ("ibot_head", "ibot_out_dim", "mask_probability", "mask_ratio")
 
@@ -157,7 +176,9 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: b
     """Dataset-dependent defaults, and every check of the flags' values, in the user's names, before
     any work starts (one-line errors, exit 2). ``announce``: print :func:`settle_precision`'s lines."""
     small = args.dataset == "fashion_mnist"
-    check_flags(args, **FLAG_RULES, **({} if small else {"data_path": "dir"}))
+    if small and args.file_list:
+        raise UsageError(f"--file_list {args.file_list!r} with --dataset fashion_mnist: expected one or the other")
+    check_flags(args, **FLAG_RULES, **({} if small or args.file_list else {"data_path": "dir"}))
     args.global_crop_size = args.global_crop_size or (28 if small else 224)
     args.local_crop_size = args.local_crop_size or (16 if small else 96)
     args.augment = args.augment or ("batched" if small else "per_image")
@@ -170,7 +191,7 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: b
     if args.augment == "batched" and not small:
         raise UsageError("--augment batched needs equal-size uint8 images: use it with --dataset fashion_mnist")
     check_dinov2_flags(args)
-    args.in_chans = image_channels(args.dataset, args.arch)
+    # args.in_chans is settled against the data by train_sources.open_train_data.
 
 
 def _shown(value: Any) -> str:
