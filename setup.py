@@ -26,11 +26,13 @@ setup(
         "Pillow>=9.1",  # augmentation (Image.Resampling)
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=0.9", "tqdm>=4", "matplotlib>=3.5", "lightning>=2.2", "tensorboard>=2.12"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=0.9", "tqdm>=4", "matplotlib>=3.5", "lightning>=2.2", "tensorboard>=2.12",
+                "tifffile>=2023.1"],
         "train": ["tqdm>=4", "matplotlib>=3.5"],
         "timm": ["timm>=0.9"],
         "lightning": ["lightning>=2.2"],
         "tensorboard": ["tensorboard>=2.12"],
+        "tiff": ["tifffile>=2023.1"],  # multi-band TIFF for dino_pytorch.data (docs/own-data.md)
         "bench": ["psutil>=5"],
         # the documentation site (`make docs`): the versions it is built and tested with
         "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8", "mkdocstrings-python==2.0.11"],
