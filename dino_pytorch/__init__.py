@@ -7,6 +7,7 @@ from .ibot import IBOTConfig
 from .koleo import KoLeoLoss
 from .losses import DINOLoss, GramLoss, IBOTPatchLoss, resize_patch_grid
 from .masking import BlockMasking
+from .pretrained import PretrainedReport, load_pretrained
 from .schedules import cosine_scheduler
 from .teacher import EMATeacher
 from .wrapper import MultiCropWrapper
@@ -26,6 +27,8 @@ __all__ = [
     "MultiCropRecipe",
     "MultiCropTransform",
     "MultiCropWrapper",
+    "PretrainedReport",
     "cosine_scheduler",
+    "load_pretrained",
     "resize_patch_grid",
 ]

@@ -17,7 +17,7 @@ from .koleo import KoLeoLoss
 from .losses import DINOLoss, IBOTPatchLoss
 from .schedules import DINOSchedules
 from .teacher import EMATeacher
-from .validate import check_bool, check_float, check_positive_int
+from .validate import check_bool, check_float, check_int, check_positive_int
 from .wrapper import MultiCropWrapper
 
 
@@ -104,6 +104,10 @@ class DINO(DINORecipe, nn.Module):
             ``ibot.weight`` times :class:`~dino_pytorch.IBOTPatchLoss` joins the loss (the same
             teacher temperature, ``centering`` and momentum of the centre). Needs a ViT with DINOv2's
             ``forward_features(x, masks)`` (e.g. :func:`~dino_pytorch.models.dinov2_vit_small`).
+        head_warmup_steps: while ``step < N`` the student backbone is frozen (no backward through
+            it, bit-identical, its teacher too) and the heads learn: fresh heads on pretrained
+            weights (:mod:`~dino_pytorch.pretrained`); see :meth:`backbone_frozen`.
+        backbone_lr_scale: the backbone's lr is the scheduled lr times this (:meth:`param_groups`).
 
     Attributes:
         student: :class:`MultiCropWrapper` (backbone features + head), trained by the optimizer.
@@ -140,6 +144,8 @@ class DINO(DINORecipe, nn.Module):
         on_nonfinite: Literal["warn", "raise"] = "warn",
         fused_head_loss: bool = False,
         ibot: Optional[IBOTConfig] = None,
+        head_warmup_steps: int = 0,
+        backbone_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_positive_int("num_global_views", num_global_views)
@@ -183,6 +189,8 @@ class DINO(DINORecipe, nn.Module):
         self.schedules = schedules
         self.koleo_weight = check_float("koleo_weight", koleo_weight, low=0.0)
         self.koleo = KoLeoLoss()
+        self.head_warmup_steps = check_int("head_warmup_steps", head_warmup_steps, 0)
+        self.backbone_lr_scale = check_float("backbone_lr_scale", backbone_lr_scale, low=0.0)
         # The callables the forward runs: the modules themselves, or their DDP / compiled wrappers.
         # Not submodules, so the state_dict keeps one copy of every weight under its plain name.
         object.__setattr__(self, "_student_forward", self.student)
@@ -260,11 +268,12 @@ class DINO(DINORecipe, nn.Module):
                 f"views has {len(views)} tensors, expected at least num_global_views={self.num_global_views}"
             )
         temp = teacher_temp if teacher_temp is not None else self.criterion.teacher_temp_at(epoch)
-        if self.ibot is not None:
-            loss, teacher_out, features = self._dino_and_ibot(list(views), epoch, temp, masks)
-        else:
-            teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
-            loss, features = self._dino_loss(list(views), teacher_out, epoch, teacher_temp)
+        with self.warmup_frozen_backbone():  # the head warm-up: no graph through the backbone
+            if self.ibot is not None:
+                loss, teacher_out, features = self._dino_and_ibot(list(views), epoch, temp, masks)
+            else:
+                teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
+                loss, features = self._dino_loss(list(views), teacher_out, epoch, teacher_temp)
         # Kept (detached: no graph, no copy) for collapse_metrics at the caller's log points.
         self._last_teacher = (teacher_out.detach(), temp)
         if self.koleo_weight > 0:
@@ -357,8 +366,11 @@ class DINO(DINORecipe, nn.Module):
 
         With a GradScaler the scaler decides (a non-finite loss gives non-finite gradients, which it
         skips); fused optimizers (``AdamW(fused=True)``, ...) skip on the device from the flag, with
-        no host sync; any other optimizer reads the flag, free on the CPU, one sync on CUDA.
+        no host sync; any other optimizer reads the flag, free on the CPU, one sync on CUDA. During
+        the head warm-up it first drops the backbone's gradients (:meth:`cancel_backbone_gradients_`).
         """
+        if self.backbone_frozen:
+            self.cancel_backbone_gradients_()
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

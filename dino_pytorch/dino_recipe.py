@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import make_official_checkpoint
-from .optim import cancel_gradients_, clip_gradients_, get_params_groups, set_schedules
+from .optim import cancel_gradients_, clip_gradients_, frozen_parameters, get_params_groups, set_schedules
 from .schedules import DINOSchedules
 
 
@@ -26,6 +26,8 @@ class DINORecipe:
     teacher: Any
     criterion: Any
     schedules: Optional[DINOSchedules]
+    head_warmup_steps: int
+    backbone_lr_scale: float
     _student_forward: Callable[..., Any]
     _teacher_forward: Callable[..., Any]
 
@@ -35,11 +37,52 @@ class DINORecipe:
         return int(self.teacher.step)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The official optimizer groups of the student: weight-decayed, and not (biases, 1-D)."""
-        return get_params_groups(self.student)
+        """The official optimizer groups of the student: weight-decayed, and not (biases, 1-D); with
+        ``backbone_lr_scale != 1`` the backbone's parameters in two more groups of their own
+        (``"lr_scale"``, the decayed one under the weight-decay schedule: :func:`~dino_pytorch.optim.
+        get_params_groups`). Frozen backbone parameters (head warm-up) are included."""
+        return get_params_groups(self.student, lr_scaled=self.backbone_parameters(), lr_scale=self.backbone_lr_scale)
+
+    # -- head warm-up ---------------------------------------------------------------------------------
+    @property
+    def backbone_frozen(self) -> bool:
+        """True during the head warm-up (``step < head_warmup_steps``): the student's forward then
+        runs its backbone with no graph (the backward costs nothing there, no gradient reaches it) and
+        :meth:`optimizer_step` drops any backbone gradient, so the backbone stays bit-identical and,
+        the EMA of equal weights being the weights, so does the teacher's. A loop that calls
+        ``optimizer.step()`` itself needs gradients zeroed with ``set_to_none=True`` (the default),
+        else :meth:`cancel_backbone_gradients_` first (stale zero gradients would still decay the
+        weights). Under FSDP the backbone's gradients are computed and dropped by those two."""
+        return self.step < self.head_warmup_steps
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The student backbone's parameters (what the head warm-up freezes and ``backbone_lr_scale`` scales)."""
+        return list(self.student.backbone.parameters())
+
+    def warmup_frozen_backbone(self) -> contextlib.AbstractContextManager[None]:
+        """The context :meth:`forward` runs the student in: the backbone's parameters require no grad
+        during the warm-up (restored after), a null context otherwise and under FSDP2, whose unsharded
+        parameters keep their own flags."""
+        if not self.backbone_frozen or callable(getattr(self.student, "set_requires_gradient_sync", None)):
+            return contextlib.nullcontext()
+        return frozen_parameters(self.backbone_parameters())
+
+    def cancel_backbone_gradients_(self) -> None:
+        """Drop the student backbone's gradients (the head warm-up; :meth:`optimizer_step` calls it then)."""
+        cancel_gradients_(self.backbone_parameters())
+
+    def last_layer_frozen(self, freeze_steps: int) -> bool:
+        """Whether to drop the prototypes' gradients this step (official ``--freeze_last_layer`` as
+        ``freeze_steps`` = epochs x steps per epoch): in ``[head_warmup_steps, head_warmup_steps +
+        freeze_steps)``. The freeze counts from the end of the head warm-up: during the warm-up the
+        heads learn whole, prototypes included (fitting them to the frozen backbone is its point), and
+        the prototypes are then held for the first ``freeze_steps`` steps in which the backbone
+        trains, as official runs hold them at their start. Without a warm-up: ``step < freeze_steps``."""
+        return self.head_warmup_steps <= self.step < self.head_warmup_steps + freeze_steps
 
     def apply_schedules(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Set this step's lr (every group) and weight decay (group 0), as official; returns the values.
+        """Set this step's lr (every group; times ``backbone_lr_scale`` on the backbone's) and weight
+        decay (group 0, and the backbone's decayed group), as official; returns the values.
 
         Needs ``schedules``. Call before ``optimizer.step()``; :meth:`update_teacher` then advances
         the step.
@@ -76,7 +119,9 @@ class DINORecipe:
         ):
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.module)
-        ddp = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        # A head warm-up's frozen backbone takes no part in the backward: DDP must look for such parameters.
+        ddp = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids,
+                                                  find_unused_parameters=self.head_warmup_steps > 0)
         object.__setattr__(self, "_student_forward", ddp)
         return self
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..validate import check_positive_int
 
-__all__ = ["adapt_input_channels", "adapt_rgb_weight", "find_input_conv"]
+__all__ = ["adapt_input_channels", "adapt_rgb_weight", "find_input_conv", "input_conv_name"]
 
 RGB = 3
 
@@ -73,6 +73,15 @@ def _first_conv(model: nn.Module) -> Optional[tuple[str, nn.Conv2d]]:
     # The first Conv2d in registration order, the same rule as features.first_conv_channels so that
     # it reports the new channel count afterwards.
     return next(((name, m) for name, m in modules.items() if isinstance(m, nn.Conv2d)), None)
+
+
+def input_conv_name(model: nn.Module) -> Optional[str]:
+    """The qualified name of the Conv2d that receives ``model``'s images, whatever its channels (the
+    search of :func:`find_input_conv`); None when ``model`` has no Conv2d. ``f"{name}.weight"`` is
+    then its weight's key in ``model.state_dict()``, the tensor a 3-channel file's weights are
+    adapted at (:func:`dino_pytorch.pretrained.load_pretrained`)."""
+    found = _first_conv(model)
+    return None if found is None else found[0]
 
 
 def find_input_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
