@@ -30,9 +30,11 @@ import torch.distributed as dist
 
 from .. import distributed
 from ..diagnostics import CollapseMonitor, CollapseThresholds
+from ..checkpoint import CheckpointError
 from ..dino import DINO
 from ..optim import build_optimizer
 from ..precision import autocast, grad_scaler
+from ..pretrained import WeightsDoNotFit, load_pretrained
 from ..schedules import DINOSchedules
 from ._setup import UsageError, backbone_from_flags, config_from_flags, output_dir, resolve_device, run_program
 from .demo_report import FashionMNISTDemo
@@ -125,6 +127,25 @@ def build_schedules(args: argparse.Namespace, total_steps: int, warmup_steps: in
         momentum_teacher=args.momentum_teacher)
 
 
+def start_from_weights(dino: DINO, path: str, resume_path: Path, announce: bool) -> None:
+    """dino-train's ``--pretrained_weights``: the student and teacher from ``path``
+    (:func:`~dino_pytorch.pretrained.load_pretrained`: heads too when the file is a DINO checkpoint whose
+    heads fit, RGB weights adapted to ``--in_chans``), one line saying what was loaded. Skipped when the
+    run resumes from ``resume_path``, which holds everything. A file that does not fit is a user error."""
+    if resume_path.exists():
+        if announce:
+            print(f"--pretrained_weights {path}: not loaded, the run resumes from {resume_path}", flush=True)
+        return
+    try:
+        report = load_pretrained(dino, path)
+    except CheckpointError as err:
+        hint = (". Pass the flags of the file's architecture (--arch, --patch_size, --vit_depth, --vit_embed_dim, "
+                "--num_register_tokens, --layerscale)") if isinstance(err, WeightsDoNotFit) else ""
+        raise UsageError(f"--pretrained_weights {path}: {err}{hint}") from None
+    if announce:
+        print(report.summary(), flush=True)
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     # ---- config ----------------------------------------------------------------------------------
     args = get_args_parser().parse_args(argv)
@@ -151,8 +172,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 warmup_teacher_temp_epochs=min(args.warmup_teacher_temp_epochs, epochs), nepochs=epochs,
                 schedules=build_schedules(args, total_steps, warmup_steps, world_size),
                 koleo_weight=args.koleo_weight, fused_head_loss=args.fused_head_loss, centering=args.centering,
-                ibot=ibot_config(args)).to(device)
+                ibot=ibot_config(args), head_warmup_steps=args.head_warmup_steps,
+                backbone_lr_scale=args.backbone_lr_scale).to(device)
     config["head"] = dict(in_dim=dino.student.head.in_dim, nlayers=3, **head)
+    if args.pretrained_weights:  # a resume restores everything from its own checkpoint instead
+        start_from_weights(dino, args.pretrained_weights, out / "checkpoint.pth", is_main)
     if args.channels_last:
         dino.to(memory_format=torch.channels_last)  # 4-D weights of student and teacher
     if world_size > 1:
@@ -290,8 +314,9 @@ class TrainLoop:
                 loss = dino(views, epoch) / args.grad_accum_steps
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
+        # The official first-epochs freeze of the prototypes, counted from the end of a head warm-up.
         optimizer_step(dino, self.optimizer, self.scaler, args.clip_grad,
-                       freeze_last_layer=epoch < args.freeze_last_layer)
+                       freeze_last_layer=dino.last_layer_frozen(args.freeze_last_layer * self.steps_per_epoch))
         return loss
 
 

@@ -111,8 +111,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_schedule_change", action="store_true",
                    help="resume even if the flags that define the schedules differ from the checkpoint's")
     add_dinov2_args(p)
+    add_weights_args(p)
     add_debug_flag(p)
     return p
+
+
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """Starting from weights (docs/own-data.md): the file, the head warm-up, the backbone's lr."""
+    g = p.add_argument_group("starting from weights (docs/own-data.md)")
+    g.add_argument("--pretrained_weights", default=None, type=str, metavar="FILE",
+                   help="initialise student and teacher from an official DINO checkpoint or backbone, a DINOv2 "
+                        "file, a torchvision / timm state_dict or a dino-train checkpoint (heads too when it has "
+                        "fitting ones); RGB weights are adapted to the model's channels; ignored on a resume")
+    g.add_argument("--head_warmup_steps", default=0, type=int, metavar="N",
+                   help="freeze the backbone for the first N steps while the heads learn (fresh heads would "
+                        "otherwise wreck pretrained weights); --freeze_last_layer counts from its end")
+    g.add_argument("--backbone_lr_scale", default=1.0, type=float, metavar="F",
+                   help="the backbone's lr is the scheduled lr times F (e.g. 0.1 to move pretrained weights "
+                        "gently)")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +184,7 @@ FLAG_RULES = dict(
     momentum_teacher="[0,1]", drop_path_rate="[0,1)", global_crops_scale="(0,1]", local_crops_scale="(0,1]",
     output_dir="outdir", ibot_weight=">=0", ibot_out_dim="int>=1", mask_probability="[0,1]", mask_ratio="[0,1]",
     num_register_tokens="int>=0", layerscale=">0", in_chans="int>=1", file_list="file",
+    pretrained_weights="file", head_warmup_steps="int>=0", backbone_lr_scale=">=0",
 )
 IBOT_ONLY_FLAGS = ("ibot_head", "ibot_out_dim", "mask_probability", "mask_ratio")
 
