@@ -3,9 +3,12 @@
 * :class:`MultiCropRecipe` (``recipe.py``): the whole validated configuration, frozen data; the
   defaults are the official DINO recipe.
 * :class:`MultiCropTransform` (``per_image.py``): runs the recipe on one image at a time, as a
-  DataLoader transform (PIL images or uint8 tensors ``(C, H, W)``).
+  DataLoader transform (PIL images, uint8 tensors ``(C, H, W)``, or float ``(C, H, W)`` band images
+  in ``[0, 1]`` with any ``C = len(mean)``).
 * :class:`BatchedMultiCrop` (``batched.py``): runs it on a whole batch ``(B, C, H, W)`` with
   per-sample random parameters (:class:`ViewParams`), on the CPU or the GPU.
+* ``inputs.py``: the images both accept (one set of checks: dtype, shape, channels against
+  ``len(mean)``, the float range) and :func:`stack_images`, which batches images of different sizes.
 * ``draws.py``: the uniform numbers behind the batched parameters (one stream per batch, or one
   seeded stream per image with ``seeds=``) and the crop-box sampler.
 * ``functional.py``: the kernels both use, which draw nothing (``torchvision.transforms.v2.functional``

@@ -32,14 +32,12 @@ from torchvision.transforms import InterpolationMode
 from ..validate import check_bool, check_int, is_int
 from . import functional as AF
 from .draws import SeedsLike, Uniforms, check_seeds, sample_boxes
-from .functional import stack_images
+from .inputs import check_batch, stack_images, to_image_tensor
 from .per_image import MultiCropTransform
 from .recipe import MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
 
 __all__ = ["BatchedMultiCrop", "ViewParams", "multicrop_collate", "stack_images"]
 
-# Order ids of the colour-jitter ops, the numbering of torchvision's ColorJitter and AF.JITTER_OPS.
-_SATURATION, _HUE = 2, 3
 # The factor that leaves an image unchanged, per op.
 _IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
 
@@ -56,7 +54,7 @@ class ViewParams:
             component holds its identity value (1, 1, 1, 0).  Only used where ``jitter``.
         order: ``(B, 4)`` int64, a permutation of ``0..3`` per sample: the order in which the jitter
             ops (0 brightness, 1 contrast, 2 saturation, 3 hue) run.
-        grayscale: ``(B,)`` bool, grey conversion applied (always False for 1-channel output).
+        grayscale: ``(B,)`` bool, grey conversion applied (always False unless the output has 3 channels).
         blur: ``(B,)`` bool, Gaussian blur applied.
         sigma: ``(B,)`` float64 blur sigma.  Only used where ``blur``.
         solarize: ``(B,)`` bool, solarize applied.
@@ -91,7 +89,8 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     ``[global_1, ..., global_G, local_1, ..., local_N]`` where each global view is a ``float32``
     tensor ``(B, C_out, *global_crop_size)`` and each local view ``(B, C_out, *local_crop_size)``,
     normalised with ``mean`` / ``std``; ``C_out = len(mean)`` (grey inputs are replicated to 3
-    channels, RGB inputs converted with PIL's luma formula for 1 channel).
+    channels, RGB inputs converted with PIL's luma formula for 1 channel, and ``C``-band inputs need
+    ``len(mean) == C``).
 
     Construction: ``BatchedMultiCrop(recipe=recipe)``, or the arguments of
     :class:`~dino_pytorch.augment.MultiCropRecipe` (the same as ``MultiCropTransform``'s), from which
@@ -108,7 +107,10 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     ``antialias=True``: the crop-resize is the same separable filter, in float.
 
     Inputs: ``uint8`` tensors with values in ``[0, 255]``, or floating tensors with values in
-    ``[0, 1]``, on any device; ``C`` in ``{1, 3}``.  The views come back on the input's device.  The
+    ``[0, 1]``, on any device; any ``C >= 1`` that suits the recipe (``C == len(mean)``, or grey / RGB
+    for a grey / RGB recipe).  For ``C != 3`` saturation, hue and grayscale are skipped, their draws
+    still taken, and contrast blends each band with its own mean (docs/augmentation.md,
+    "N-channel images").  The views come back on the input's device.  The
     float range is checked on CPU tensors (one min/max pass: a 0-255 float batch, an already
     normalised one or a NaN raises a ValueError), not on GPU tensors, where reading the values
     would synchronise the device each batch: there values outside ``[0, 1]`` are clipped by the
@@ -127,6 +129,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     def __init__(self, *args: Any, recipe: Optional[MultiCropRecipe] = None, **kwargs: Any) -> None:
         super().__init__()
         self.recipe = MultiCropRecipe.resolve(type(self).__name__, args, kwargs, recipe)
+        self.recipe.note_skipped_colour_ops(type(self).__name__)
         interpolation = cast(InterpolationMode, self.recipe.interpolation)  # normalised by the recipe
         if interpolation not in _SUPPORTED_INTERPOLATION:
             names = ", ".join(repr(m.value) for m in _SUPPORTED_INTERPOLATION)
@@ -216,7 +219,8 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         """Augment a batch: ``(B, C, H, W) -> [(B, C_out, gh, gw)] * G + [(B, C_out, lh, lw)] * N``.
 
         Args:
-            images: ``uint8`` in ``[0, 255]`` or floating in ``[0, 1]``, ``C`` in ``{1, 3}``, any device.
+            images: ``uint8`` in ``[0, 255]`` or floating in ``[0, 1]``, any device; ``C == len(mean)``, or
+                ``C`` in ``{1, 3}`` for a grey or RGB recipe.
             image_sizes: optional ``(B, 2)`` true ``(H_i, W_i)`` of zero-padded images (see
                 :func:`stack_images`); crops stay inside each image.
             generator: a CPU ``torch.Generator`` for all draws; None uses torch's global RNG.
@@ -224,7 +228,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
                 then a function of its seed alone (see :meth:`sample_params`).
             return_params: also return the drawn :class:`ViewParams` (CPU tensors).
         """
-        _check_images(images)
+        check_batch(images, self.recipe)
         return_params = check_bool("return_params", return_params)
         batch, height, width = images.shape[0], images.shape[2], images.shape[3]
         if image_sizes is not None:
@@ -244,7 +248,7 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         """Augment ``images (B, C, H, W)`` with given parameters (one :class:`ViewParams` per view, in
         view order); returns the views as :meth:`forward` does.  ``forward`` is :meth:`sample_params`
         followed by this."""
-        _check_images(images)
+        check_batch(images, self.recipe)
         if len(params) != self.num_views or any(p.batch_size != images.shape[0] for p in params):
             raise ValueError(
                 f"params: expected {self.num_views} ViewParams of batch size {images.shape[0]}, got "
@@ -271,7 +275,8 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         r = self.recipe
         view = AF.resized_crop(x, p.boxes, p.flip, size, r.interpolation)
         view = self._color_jitter(view, p)
-        view = AF.apply_rows(view, p.grayscale, lambda v, rows: AF.grayscale(v))
+        if r.channels == 3:  # an RGB op: hand-made ViewParams may ask it of grey or band views
+            view = AF.apply_rows(view, p.grayscale, lambda v, rows: AF.grayscale(v))
         view = AF.apply_rows(view, p.blur, lambda v, rows: AF.gaussian_blur(v, p.sigma[rows]))
         if may_solarize:
             view = AF.apply_rows(view, p.solarize, lambda v, rows: AF.solarize(v, r.solarize_threshold))
@@ -281,8 +286,8 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
         """Four steps; at each, every jittered row runs the op its own permutation puts there."""
         for step in range(4):
             for op, bounds in enumerate(self.recipe.jitter_ranges):
-                # Disabled components, and saturation / hue on grey output, leave images unchanged.
-                if bounds is None or (op in (_SATURATION, _HUE) and x.shape[1] == 1):
+                # Disabled components, and saturation / hue on non-RGB output, leave images unchanged.
+                if bounds is None or not AF.colour_op_applies(op, x.shape[1]):
                     continue
                 mask = p.jitter & (p.order[:, step] == op)
                 # apply_rows calls the lambda before the loop moves on, so late binding of `op` is harmless.
@@ -297,15 +302,17 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     def collate(self, batch: Sequence[Any]) -> Any:
         """A ``collate_fn`` that augments in the DataLoader worker.
 
-        ``batch`` holds images (uint8 ``(C, H, W)`` tensors or ``'RGB'`` / ``'L'`` PIL images, sizes may
-        differ) or tuples whose first element is an image.  Returns the list of views, or
+        ``batch`` holds images (uint8 or float ``(C, H, W)`` tensors or ``'RGB'`` / ``'L'`` PIL images,
+        sizes may differ) or tuples whose first element is an image.  Returns the list of views, or
         ``[views, *default_collate(rest)]`` for tuples (e.g. ``views, labels = batch``).  Draws use the
         global RNG, which the DataLoader seeds differently in every worker.
         """
         if len(batch) == 0:
             raise ValueError("batch: empty batch")
         with_rest = isinstance(batch[0], (tuple, list))
-        images = [AF.to_uint8_tensor(sample[0] if with_rest else sample, i) for i, sample in enumerate(batch)]
+        images = [to_image_tensor(sample[0] if with_rest else sample, i) for i, sample in enumerate(batch)]
+        for i, im in enumerate(images):
+            self.recipe.check_image_channels(f"images[{i}]", im.shape[0])
         if len({im.shape[0] for im in images}) > 1:
             # Mixed grey and colour images: give each the output's channel count before stacking.
             images = [AF.match_channels(im.unsqueeze(0), self.recipe.channels)[0] for im in images]
@@ -329,27 +336,6 @@ def multicrop_collate(batched: BatchedMultiCrop) -> Callable[[Sequence[Any]], An
 
 # ---------------------------------------------------------------------------------------------
 # input checks
-
-
-def _check_images(images: Any) -> None:
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images: expected a (B, C, H, W) tensor, got {type(images).__name__}")
-    if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise TypeError(f"images: expected uint8 values in [0, 255] or floats in [0, 1], got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images: expected a (B, C, H, W) batch with C in {{1, 3}}, got shape {tuple(images.shape)}")
-    if 0 in images.shape:
-        raise ValueError(f"images: empty batch of shape {tuple(images.shape)}")
-    if images.is_floating_point() and images.device.type == "cpu":
-        # On the CPU only: reading a GPU tensor's values would synchronise the device every batch.
-        low, high = (float(v) for v in torch.aminmax(images.as_subclass(Tensor)))
-        if not (low >= 0.0 and high <= 1.0):  # NaN fails both
-            hint = ("; 0-255 floats: divide by 255 or pass uint8" if high > 1.0 and low >= 0.0 else
-                    "; already normalised? the recipe's mean/std are applied here" if low < 0.0 else "")
-            raise ValueError(
-                f"images has {images.dtype} values in [{low:.4g}, {high:.4g}], expected floats in [0, 1] "
-                f"(or uint8 in [0, 255]){hint}"
-            )
 
 
 def _check_sizes(image_size: Union[tuple[int, int], Tensor], batch_size: int) -> Tensor:

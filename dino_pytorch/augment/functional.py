@@ -4,8 +4,13 @@ Two families, like ``torchvision.transforms.v2.functional``:
 
 * ``*_image`` kernels work on one image, a PIL image or a uint8 tensor ``(C, H, W)``; they dispatch
   to PIL's or torchvision's own ops (the official numerics) for :class:`MultiCropTransform`;
-* the other kernels work on a float batch ``(n, C, h, w)`` with values in ``[0, 1]`` and take one
-  parameter per image (``(n,)`` tensors) for :class:`BatchedMultiCrop`.
+* the other kernels work on a float batch ``(n, C, h, w)`` with values in ``[0, 1]``, any ``C``, and
+  take one parameter per image (``(n,)`` tensors) for :class:`BatchedMultiCrop`, and for
+  :class:`MultiCropTransform` on float (band) images, as a batch of one.
+
+Channels: resize, flip, blur, brightness and solarize act on every channel alike; contrast blends
+with the mean luma for 3 channels (the official rule) and each band with its own mean otherwise;
+saturation, hue and grayscale are RGB ops (:func:`colour_op_applies`).
 
 Per-image parameters arrive as CPU tensors and only their results move to the images' device, so no
 kernel here needs a device synchronisation.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +68,8 @@ def to_grey_image(image: ImageLike, channels: int) -> ImageLike:
 
 
 def match_channels(images: Tensor, channels: int) -> Tensor:
-    """``(B, C, H, W) -> (B, channels, H, W)``: grey replicated, or RGB to luma (rounded for uint8)."""
+    """``(B, C, H, W) -> (B, channels, H, W)``: unchanged when ``C == channels``, else grey replicated
+    to 3 channels, or RGB to luma (rounded for uint8); the caller has checked that ``C`` suits."""
     if images.shape[1] == channels:
         return images
     if channels == 3:
@@ -205,9 +211,13 @@ def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the mean grey level of each image (PIL's ImageEnhance.Contrast, unrounded)."""
-    grey = luma(x) if x.shape[1] == 3 else x
-    mean = grey.mean(dim=(1, 2, 3), keepdim=True)
+    """Blend with the mean grey level of each image (PIL's ImageEnhance.Contrast, unrounded) when it
+    has 3 channels; otherwise blend each channel (band) with its own mean: ``C`` bands measure
+    different things, so no weighted sum of them is a grey level (1 channel: the same rule)."""
+    if x.shape[1] == 3:
+        mean = luma(x).mean(dim=(1, 2, 3), keepdim=True)
+    else:
+        mean = x.mean(dim=(2, 3), keepdim=True)
     f = factor.view(-1, 1, 1, 1)
     return (f * x + (1.0 - f) * mean).clamp_(0.0, 1.0)
 
@@ -248,6 +258,14 @@ JITTER_OPS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
     adjust_saturation,
     adjust_hue,
 )
+# The op ids that need RGB images.
+RGB_JITTER_OPS = (2, 3)
+
+
+def colour_op_applies(op: int, channels: int) -> bool:
+    """Whether jitter op ``op`` changes a ``channels``-channel image: saturation and hue act on RGB only
+    (on a grey image they change nothing, as in PIL and torchvision; band images have no hue)."""
+    return op not in RGB_JITTER_OPS or channels == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,9 +316,12 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
 
 
 def solarize(x: Tensor, threshold: int) -> Tensor:
-    """Invert the values of a ``[0, 1]`` batch whose uint8 level is ``>= threshold``."""
-    # uint8 pipelines round to a level and then test `level >= threshold`; a continuous value
-    # rounds to such a level exactly when it is >= threshold - 0.5.
+    """``x -> 1 - x`` where ``255 x >= threshold - 0.5``, on a ``[0, 1]`` batch of any channel count.
+
+    On the levels of uint8 data (``x = v / 255``) this is exactly the official ``v >= threshold ->
+    255 - v``; a continuous value is inverted when it rounds to such a level, which keeps the float
+    pipelines (they do not round between steps) on the uint8 ones.
+    """
     return torch.where(x * 255.0 >= threshold - 0.5, 1.0 - x, x)
 
 
@@ -330,52 +351,3 @@ def apply_rows(x: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) 
         return fn(x, rows)
     index = to_device(rows, x.device)
     return x.index_copy_(0, index, fn(x.index_select(0, index), rows))
-
-
-# ---------------------------------------------------------------------------------------------
-# batching
-
-
-def to_uint8_tensor(image: Any, index: int) -> Tensor:
-    """A PIL image ('RGB' / 'L') or uint8 ``(C, H, W)`` tensor as a plain uint8 tensor."""
-    if isinstance(image, Image.Image):
-        if image.mode not in ("RGB", "L"):
-            raise ValueError(
-                f"images[{index}]: unsupported PIL mode {image.mode!r}; expected 'RGB' or 'L' "
-                "(call image.convert('RGB') first)"
-            )
-        return TF.pil_to_tensor(image)
-    if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
-        described = (
-            f"{image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
-        )
-        raise TypeError(
-            f"images[{index}]: expected a PIL image or a uint8 (C, H, W) tensor with C in {{1, 3}}, got {described}"
-        )
-    return image.as_subclass(Tensor)
-
-
-def stack_images(images: Sequence[Union[Tensor, Image.Image]]) -> tuple[Tensor, Tensor]:
-    """Stack images of possibly different sizes into one zero-padded uint8 batch.
-
-    Args:
-        images: uint8 tensors ``(C, H_i, W_i)`` or PIL images (mode ``'RGB'`` or ``'L'``), all with the
-            same channel count.
-    Returns:
-        ``(batch, image_sizes)``: ``batch`` is ``(B, C, max H, max W)`` uint8 with each image in its
-        top-left corner, ``image_sizes`` is ``(B, 2)`` int64 ``(H_i, W_i)``.  Pass both to
-        :class:`BatchedMultiCrop`; its crop boxes stay inside each image, so the padding never shows.
-    """
-    if not isinstance(images, Sequence) or len(images) == 0:
-        raise ValueError(f"images: expected a non-empty sequence of images, got {type(images).__name__}")
-    tensors = [to_uint8_tensor(image, i) for i, image in enumerate(images)]
-    channels = {t.shape[0] for t in tensors}
-    if len(channels) != 1:
-        raise ValueError(f"images: all images need the same channel count, got {sorted(channels)}")
-    sizes = torch.tensor([t.shape[1:] for t in tensors], dtype=torch.long)
-    if sizes.eq(sizes[0]).all():
-        return torch.stack(tensors), sizes
-    batch = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], *sizes.max(dim=0).values.tolist()))
-    for out, t in zip(batch, tensors):
-        out[:, : t.shape[1], : t.shape[2]] = t
-    return batch, sizes

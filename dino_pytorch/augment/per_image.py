@@ -9,11 +9,13 @@ Every view is a ``float32`` tensor of shape ``(C, H, W)``, normalised with ``mea
 
 * a global view has shape ``(C, *global_crop_size)`` -- ``(3, 224, 224)`` by default;
 * a local view has shape ``(C, *local_crop_size)`` -- ``(3, 96, 96)`` by default;
-* ``C == len(mean)`` (1 or 3).
+* ``C == len(mean)`` (1 grey, 3 RGB, or the band count of band images).
 
 With the default recipe this is the official ``DataAugmentationDINO`` (facebookresearch/dino).  PIL
 inputs go through PIL's own operations (as in the official code); uint8 tensors go through
-torchvision's tensor kernels.  All random draws come from torch's global RNG, so
+torchvision's tensor kernels; float tensors in ``[0, 1]`` (band images, any channel count) go through
+the float kernels of :mod:`~dino_pytorch.augment.functional` that the batched augmenter runs, on a
+batch of one.  All random draws come from torch's global RNG, so
 ``torch.manual_seed`` alone reproduces the views (and DataLoader workers get distinct streams
 because the DataLoader seeds torch per worker).
 
@@ -36,6 +38,7 @@ from torchvision.transforms.v2 import functional as TF
 from . import functional as AF
 from .crop_box import SCALAR, centred_box, try_size
 from .functional import ImageLike
+from .inputs import check_image_tensor
 from .recipe import CROP_ATTEMPTS, MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
 
 __all__ = ["MultiCropTransform"]
@@ -51,6 +54,13 @@ def _randint(low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, size=()))
 
 
+def _jitter_draws(ranges: tuple[Optional[tuple[float, float]], ...]) -> tuple[list[int], list[Optional[float]]]:
+    """The draws of torchvision's ``v2.ColorJitter`` (its ``make_params``), in its order: a permutation
+    of the 4 op ids, then one float32 uniform per enabled factor; None for a disabled one."""
+    order = torch.randperm(4).tolist()
+    return order, [None if r is None else float(torch.empty(1).uniform_(*r).item()) for r in ranges]
+
+
 class MultiCropTransform(RecipeAttributes, nn.Module):
     """DINO multi-crop augmentation: one image in, ``G + N`` normalised views out.
 
@@ -61,7 +71,8 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
     * each local view is a ``float32`` tensor of shape ``(C, lh, lw)``, ``(lh, lw) = local_crop_size``
       (``(3, 96, 96)`` by default);
     * ``C = len(mean)``: 3 gives RGB output (greyscale inputs are replicated), 1 gives greyscale
-      output (RGB inputs are converted with the ITU-R 601-2 luma transform).
+      output (RGB inputs are converted with the ITU-R 601-2 luma transform), any other count takes
+      band images of that many channels.
 
     Each view is drawn independently, in this order: RandomResizedCrop -> horizontal flip ->
     colour jitter -> grayscale -> Gaussian blur -> solarize -> float in [0, 1] -> normalise.
@@ -73,8 +84,10 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
     replacement.  The recipe's fields read through as attributes (``t.global_crops_scale``,
     ``t.num_views``, ``t.global_blur_prob(i)``, ...).
 
-    Inputs are PIL images in mode ``'RGB'`` or ``'L'``, or ``uint8`` tensors of shape ``(C, H, W)``
-    with ``C`` in ``{1, 3}``, of at least
+    Inputs are PIL images in mode ``'RGB'`` or ``'L'``, ``uint8`` tensors of shape ``(C, H, W)``
+    with ``C`` in ``{1, 3}``, or floating tensors ``(C, H, W)`` with values in ``[0, 1]`` and any ``C``
+    (``C == len(mean)``, or 1 / 3 for a grey or RGB recipe; a uint8 tensor of another ``C`` is taken
+    as ``image / 255``), of at least
     :attr:`~dino_pytorch.augment.MultiCropRecipe.min_image_pixels` pixels (``H * W``; 20 for the
     official local scale 0.05): a smaller image raises a ValueError, as its smallest crops would
     cover no pixel.  PIL inputs use PIL's operations (official numerics, including PIL's
@@ -83,7 +96,10 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
     about +/- 3 sigma), shrunk where needed to stay smaller than twice the view's side, as reflect
     padding requires.  The two paths draw the same distribution of views but are not bit-identical
     (resize and blur kernels differ), except for grey conversion, which uses PIL's rounded formula
-    on tensors too.
+    on tensors too.  Float inputs go through :class:`BatchedMultiCrop`'s float kernels (no rounding
+    between steps), so for the same parameters the two augmenters give the same views; for
+    ``C != 3`` saturation, hue and grayscale are skipped (their draws still taken) and contrast
+    blends each band with its own mean (docs/augmentation.md, "N-channel images").
 
     Randomness: every draw (crop box, flip, jitter factors and order, grayscale, blur and its sigma,
     solarize) comes from torch's global RNG.  An op is applied when ``u < p`` for a uniform ``u``,
@@ -96,6 +112,7 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
     def __init__(self, *args: Any, recipe: Optional[MultiCropRecipe] = None, **kwargs: Any) -> None:
         super().__init__()
         self.recipe = MultiCropRecipe.resolve(type(self).__name__, args, kwargs, recipe)
+        self.recipe.note_skipped_colour_ops(type(self).__name__)
         # v2.ColorJitter draws its factors and their order from torch's RNG and dispatches to PIL
         # kernels for PIL images, which is exactly the official behaviour.
         self.color_jitter = v2.ColorJitter(*self.recipe.jitter_ranges)
@@ -125,11 +142,14 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
         """Return ``[global_1, ..., global_G, local_1, ..., local_N]`` for one image.
 
         Args:
-            image: a PIL image (mode ``'RGB'`` or ``'L'``) or a uint8 tensor ``(C, H, W)``, ``C`` in {1, 3}.
+            image: a PIL image (mode ``'RGB'`` or ``'L'``), a uint8 tensor ``(C, H, W)`` with ``C`` in
+                {1, 3}, or a floating tensor ``(C, H, W)`` in ``[0, 1]`` with ``C == len(mean)``.
         Returns:
             ``G`` float32 tensors ``(C_out, *global_crop_size)`` then ``N`` of ``(C_out, *local_crop_size)``.
         """
         image = self._prepare(image)
+        if isinstance(image, torch.Tensor) and image.is_floating_point():
+            return [self._float_view(image, spec) for spec in self.recipe.view_specs]
         return [self._view(image, spec) for spec in self.recipe.view_specs]
 
     def _prepare(self, image: ImageLike) -> ImageLike:
@@ -140,31 +160,24 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
                     f"image: unsupported PIL mode {image.mode!r}; expected 'RGB' or 'L' "
                     "(call image.convert('RGB') first)"
                 )
+            self.recipe.check_image_channels("image", len(image.getbands()))
             self.recipe.check_image_size("image", image.height, image.width)
             wanted = "RGB" if self.channels == 3 else "L"
             return image if image.mode == wanted else image.convert(wanted)
 
         if isinstance(image, torch.Tensor):
-            # A tv_tensors.Image would make v2 kernels re-wrap every result; plain tensors suffice.
-            image = image.as_subclass(torch.Tensor)
-            if image.dtype != torch.uint8:
-                raise TypeError(
-                    f"image: expected a uint8 tensor with values in [0, 255], got dtype {image.dtype} "
-                    "(convert with (x * 255).round().to(torch.uint8) if it holds floats in [0, 1])"
-                )
-            if image.ndim != 3 or image.shape[0] not in (1, 3):
-                raise ValueError(
-                    f"image: expected a (C, H, W) tensor with C in {{1, 3}}, got shape {tuple(image.shape)}"
-                )
-            if image.shape[1] == 0 or image.shape[2] == 0:
-                raise ValueError(f"image: empty image of shape {tuple(image.shape)}")
-            self.recipe.check_image_size("image", image.shape[1], image.shape[2])
+            image = check_image_tensor(image, self.recipe)
+            if image.dtype == torch.uint8 and image.shape[0] not in (1, 3):
+                image = AF.to_unit_float(image)  # torchvision's uint8 colour kernels take 1 or 3 channels
+            if image.is_floating_point():
+                # The float path: float32 (exact for float16 / bfloat16), channels as the batched path.
+                return AF.match_channels(image.to(torch.float32).unsqueeze(0), self.recipe.channels)[0]
             if image.shape[0] == self.channels:
                 return image
             return AF.to_grey_image(image, channels=1) if self.channels == 1 else image.repeat(3, 1, 1)
 
         raise TypeError(
-            f"image: expected a PIL.Image.Image or a uint8 torch.Tensor (C, H, W), got {type(image).__name__}"
+            f"image: expected a PIL.Image.Image or a uint8 or float torch.Tensor (C, H, W), got {type(image).__name__}"
         )
 
     def _view(self, image: ImageLike, spec: ViewSpec) -> torch.Tensor:
@@ -187,6 +200,28 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
         if isinstance(view, Image.Image):
             view = TF.pil_to_tensor(view)
         return AF.normalize(AF.to_unit_float(view), r.mean, r.std)
+
+    def _float_view(self, image: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
+        """:meth:`_view` for a float32 ``(C, H, W)`` image in ``[0, 1]``: the same draws, in the same
+        order, through the batched float kernels on a batch of one (so any ``C`` works)."""
+        r = self.recipe
+        top, left, crop_h, crop_w = self.sample_crop_params(image.shape[1], image.shape[2], local=spec.local)
+        flip = torch.tensor([_uniform() < r.flip_prob])
+        box = torch.tensor([[top, left, crop_h, crop_w]])
+        view = AF.resized_crop(image.unsqueeze(0), box, flip, spec.size, r.interpolation)  # (1, C, h, w)
+        if _uniform() < r.color_jitter_prob:
+            # ColorJitter's draws, so the stream matches the uint8 path's; applied by the float kernels.
+            order, factors = _jitter_draws(r.jitter_ranges)
+            for op in order:
+                if factors[op] is not None and AF.colour_op_applies(op, view.shape[1]):
+                    view = AF.JITTER_OPS[op](view, torch.tensor([factors[op]], dtype=view.dtype))
+        if _uniform() < r.grayscale_prob and r.channels == 3:
+            view = AF.grayscale(view)
+        if spec.blur_prob > 0.0 and _uniform() <= spec.blur_prob:
+            view = AF.gaussian_blur(view, torch.tensor([_uniform(*r.blur_sigma)], dtype=torch.float64))
+        if spec.solarize_prob > 0.0 and _uniform() < spec.solarize_prob:
+            view = AF.solarize(view, r.solarize_threshold)
+        return AF.normalize(view[0], r.mean, r.std)
 
     def extra_repr(self) -> str:
         r = self.recipe

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, fields
 from typing import Any, NamedTuple, Optional, cast
@@ -34,6 +35,7 @@ from .recipe_checks import (
     JitterLike,
     ProbsLike,
     SizeLike,
+    check_channels,
     check_interpolation,
     check_positive_range,
     check_probs,
@@ -91,7 +93,9 @@ class MultiCropRecipe:
     Each image becomes ``[global_1, ..., global_G, local_1, ..., local_N]``: ``G`` global views of
     shape ``(C, *global_crop_size)`` and ``N`` local views of shape ``(C, *local_crop_size)``, with
     ``C = len(mean)``.  Every view is drawn independently: RandomResizedCrop -> horizontal flip ->
-    colour jitter -> grayscale -> Gaussian blur -> solarize -> normalise.
+    colour jitter -> grayscale -> Gaussian blur -> solarize -> normalise.  For ``C != 3`` (grey or
+    band images) saturation, hue and grayscale are skipped, their random draws still taken
+    (:attr:`skipped_colour_ops`; docs/augmentation.md, "N-channel images").
 
     The first three arguments are positional, in the order of the official ``DataAugmentationDINO``;
     the rest are keyword-only.  After construction every field holds its normalised form (tuples of
@@ -120,7 +124,8 @@ class MultiCropRecipe:
         global_solarize_probs: solarize probability of each global view, cycled like the blur ones.
         local_solarize_prob: solarize probability of every local view (0 in the official recipe).
         solarize_threshold: uint8 pixel values ``>= solarize_threshold`` are inverted.
-        mean: per-channel normalisation mean, of length 1 or 3 (the same length as ``std``).
+        mean: per-channel normalisation mean in [0, 1], one entry per output channel: 1 (grey), 3 (RGB)
+            or C (C-band images); the same length as ``std``.
         std: per-channel normalisation standard deviation, of the same length as ``mean``.
 
     Raises:
@@ -193,8 +198,26 @@ class MultiCropRecipe:
 
     @property
     def channels(self) -> int:
-        """``C``, the output channel count: ``len(mean)`` (1 grey, 3 RGB)."""
+        """``C``, the output channel count: ``len(mean)`` (1 grey, 3 RGB, any other count for bands)."""
         return len(self.mean)
+
+    def check_image_channels(self, name: str, channels: int) -> None:
+        """Raise a ValueError naming ``name`` when an image of ``channels`` channels does not suit the
+        recipe: it must have :attr:`channels` channels, or be grey / RGB for a grey / RGB recipe."""
+        check_channels(name, channels, self.channels)
+
+    @property
+    def skipped_colour_ops(self) -> tuple[str, ...]:
+        """The colour steps this recipe turns on that its channel count skips: saturation, hue and
+        grayscale are defined for 3-channel images only.  Empty for 1 and 3 channels (grey images
+        have no colour, so nothing is lost there, as in torchvision and PIL)."""
+        if self.channels in (1, 3):
+            return ()
+        jitter = self.color_jitter_prob > 0.0
+        _, _, saturation, hue = self.jitter_ranges
+        wanted = (("saturation", jitter and saturation is not None), ("hue", jitter and hue is not None),
+                  ("grayscale", self.grayscale_prob > 0.0))
+        return tuple(name for name, on in wanted if on)
 
     # The fields are typed as the constructor accepts them; the casts below name the normalised
     # form that __post_init__ stores (tuples, (height, width) pairs, an InterpolationMode).
@@ -275,6 +298,18 @@ class MultiCropRecipe:
             _jitter_range(self.hue, 0.0, clip_low=False),
         )
 
+    def note_skipped_colour_ops(self, owner: str) -> None:
+        """One warning line when :attr:`skipped_colour_ops` is not empty (Python shows a given warning
+        once per place by default); ``owner`` names the augmenter."""
+        skipped = self.skipped_colour_ops
+        if skipped:
+            warnings.warn(
+                f"{owner}: {', '.join(skipped)} need 3-channel images and are skipped for the recipe's "
+                f"{self.channels} channels (len(mean)); their random draws are still taken, so the other "
+                "parameters are unchanged (set them to 0 to silence this note)",
+                UserWarning, stacklevel=3,
+            )
+
     def settings(self) -> dict[str, Any]:
         """Every field by name, interpolation as its name; ``MultiCropRecipe(**settings())`` is equal."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -306,7 +341,7 @@ class MultiCropRecipe:
 # read access for the augmenters
 
 _DERIVED = ("num_views", "channels", "global_blur_prob", "global_solarize_prob", "view_specs", "jitter_ranges",
-            "min_crop_scale", "min_image_pixels", "check_image_size")
+            "min_crop_scale", "min_image_pixels", "check_image_size", "check_image_channels", "skipped_colour_ops")
 
 
 class RecipeAttributes:

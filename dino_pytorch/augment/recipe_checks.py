@@ -3,7 +3,8 @@
 Each check takes the argument's name and its value as given, raises a TypeError or ValueError naming
 both and what was expected, and returns the value normalised (tuples of floats, ``(height, width)``
 int pairs, an :class:`InterpolationMode`), which the recipe stores.  The checks specific to
-multi-crop live here; the general ones come from :mod:`dino_pytorch.validate`.
+multi-crop live here; the general ones come from :mod:`dino_pytorch.validate`.  One more,
+:func:`check_channels`, compares an image's channel count with the recipe's (``len(mean)``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..validate import check_number_pair, check_probability, is_int, is_number
 
 __all__ = [
     "SizeLike", "ProbsLike", "JitterLike", "InterpolationLike", "check_interpolation", "check_positive_range",
-    "check_probs", "check_scale", "check_size", "check_stats", "check_strength",
+    "check_probs", "check_scale", "check_size", "check_stats", "check_strength", "check_channels",
 ]
 
 SizeLike = Union[int, Sequence[int]]
@@ -84,13 +85,17 @@ def check_strength(name: str, value: Any, center: float, bound: tuple[float, flo
 
 
 def check_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean`` and ``std``, one entry per output channel: 1 (grey), 3 (RGB) or C (C-band images)."""
     for name, value in (("mean", mean), ("std", std)):
         if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(is_number, value)):
-            raise TypeError(f"{name}={value!r}, expected a sequence of 1 or 3 numbers")
-    if len(mean) != len(std) or len(mean) not in (1, 3):
+            raise TypeError(
+                f"{name}={value!r}, expected a sequence of numbers, one per channel (1 or 3 numbers for grey "
+                "or RGB images, C for C-band images)"
+            )
+    if len(mean) != len(std) or len(mean) == 0:
         raise ValueError(
-            f"mean={tuple(mean)!r} and std={tuple(std)!r}: expected equal lengths of 1 (greyscale "
-            f"output) or 3 (RGB output), got {len(mean)} and {len(std)}"
+            f"mean={tuple(mean)!r} and std={tuple(std)!r}: expected equal lengths of at least 1, one entry per "
+            f"output channel (1 grey, 3 RGB, C for C bands), got {len(mean)} and {len(std)}"
         )
     if not all(0.0 < s < math.inf for s in std):
         raise ValueError(f"std={tuple(std)!r}, expected every std finite and > 0")
@@ -101,6 +106,19 @@ def check_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ..
             f"subtracted from{hint}"
         )
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def check_channels(name: str, channels: int, recipe_channels: int) -> None:
+    """An image of ``channels`` channels suits a recipe of ``recipe_channels`` (``len(mean)``) when
+    they are equal, or when both are grey / RGB (1 <-> 3 is converted); else a ValueError."""
+    if channels == recipe_channels or {channels, recipe_channels} <= {1, 3}:
+        return
+    expected = "C in {1, 3}" if recipe_channels in (1, 3) else f"C = {recipe_channels}"
+    raise ValueError(
+        f"{name} has {channels} channels, expected {expected} for the recipe's {recipe_channels} output "
+        f"channels (len(mean) = {recipe_channels}); for {channels}-band images pass mean and std with "
+        f"{channels} entries"
+    )
 
 
 def check_interpolation(value: Any) -> InterpolationMode:
