@@ -58,7 +58,6 @@ class TrainData(NamedTuple):
 def build_data(args: argparse.Namespace, source: TrainSource, rank: int, world_size: int) -> TrainData:
     """The training set's loader, sampler and on-device augmenter (or None); one recipe either way."""
     from ..augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
-    from ..data import ImageFiles
     from ..datasets import SeededTransform
     from ..sampler import ResumableSampler
 
@@ -70,8 +69,6 @@ def build_data(args: argparse.Namespace, source: TrainSource, rank: int, world_s
         raise UsageError(f"--mean / --std of {len(source.mean)} channels: the multi-crop recipe refuses them: "
                          f"{err}") from None
     base = source.dataset
-    if isinstance(base, ImageFiles):  # a file too small for the recipe's crops is replaced, like a corrupt one
-        base = base.copy(min_pixels=recipe.min_image_pixels)
     on_device = BatchedMultiCrop(recipe=recipe) if args.augment == "batched" else None
     # Items are (views or raw image, label, key[, replaced]): the key, the sample's global index
     # epoch * N + index, seeds the batched augmenter per sample in make_views, as it seeds the per-image one here.

@@ -79,20 +79,25 @@ def open_dataset(args: argparse.Namespace) -> Dataset:
         return FashionMNIST(train=True)
     from ..data import ImageFiles
 
+    from ..augment import MultiCropRecipe
+
+    # A file too small for the recipe's smallest crop is replaced like a corrupt one (and left out of
+    # the statistics); the smallest crop depends on the scales only.
+    min_pixels = MultiCropRecipe(args.global_crops_scale, args.local_crops_scale, args.local_crops_number).min_image_pixels
     flag, path = ("file_list", args.file_list) if args.file_list else ("data_path", args.data_path)
     try:
-        files = ImageFiles.open(path, report_failures=True)
-        if args.value_range is not None:
-            if files.photos:
-                raise ValueError("only band files (.npy, .tif, 16-bit PNG) have a value range; these are photos")
-            pairs = args.value_range
-            files = files.with_value_range([pairs[i:i + 2] for i in range(0, len(pairs), 2)]
-                                           if len(pairs) > 2 else pairs)
+        files = ImageFiles.open(path, report_failures=True, min_pixels=min_pixels)
     except (ValueError, OSError) as err:
-        which = "value_range" if args.value_range is not None and "value_range" in str(err) else flag
-        shown = " ".join(map(str, args.value_range)) if which == "value_range" else repr(path)
-        raise UsageError(f"--{which} {shown}: {err}") from None
-    return files
+        raise UsageError(f"--{flag} {path!r}: {err}") from None
+    if args.value_range is None:
+        return files
+    pairs = args.value_range
+    try:
+        if files.photos:
+            raise ValueError("only band files (.npy, .tif, 16-bit PNG) have a value range; these are photos")
+        return files.with_value_range([pairs[i:i + 2] for i in range(0, len(pairs), 2)] if len(pairs) > 2 else pairs)
+    except ValueError as err:
+        raise UsageError(f"--value_range {' '.join(map(str, pairs))}: {err}") from None
 
 
 def resolve_channels(args: argparse.Namespace, found: int, grey_or_rgb: bool, where: str) -> int:
