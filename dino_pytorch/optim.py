@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ def get_params_groups(model: nn.Module, *, lr_scaled: Iterable[nn.Parameter] = (
             continue
         plain = name.endswith(".bias") or param.ndim == 1
         groups[2 * (id(param) in scaled) + plain].append(param)
-    official = [{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}]
+    official: list[dict[str, Any]] = [{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}]
     if not scaled:
         return official
     official[0]["regularized"], official[1]["regularized"] = True, False

@@ -152,7 +152,7 @@ def _readings(raw: Mapping[str, Any], source: str, checkpoint_key: str) -> list[
         if full:
             ours = "model_config" in raw or "step" in raw
             layout = "dino-pytorch checkpoint" if ours else "official DINO checkpoint"
-        keys = strip_prefixes(entry if full else raw, ("module.",))
+        keys = strip_prefixes(entry if isinstance(entry, Mapping) else raw, ("module.",))
         heads = {"head": head, "patch_head": {k[len("patch_head."):]: v for k, v in keys.items()
                                               if k.startswith("patch_head.")}}
         centres = {name: raw.get(name) for name in ("dino_loss", "ibot_loss")} if full else {}
@@ -202,10 +202,11 @@ def _resized_positions(target: nn.Module, table: Tensor, own: Tensor) -> Optiona
     return resized.detach().clone()
 
 
-def _adapted(target: nn.Module, key: str, conv_key: Optional[str], have: Tensor, want: Tensor) -> Optional[tuple[Tensor, str]]:
+def _adapted(target: nn.Module, key: str, conv_key: Optional[str], have: Tensor,
+             want: Tensor) -> Optional[tuple[Tensor, str]]:
     """``have`` made to fit ``want`` by one of the two adaptations, with what was done; else None."""
-    if key == conv_key and have.ndim == 4 and have.shape[1] == RGB and have.shape[:1] + have.shape[2:] == \
-            want.shape[:1] + want.shape[2:]:
+    same_filters = have.shape[:1] + have.shape[2:] == want.shape[:1] + want.shape[2:]
+    if key == conv_key and have.ndim == 4 and have.shape[1] == RGB and same_filters:
         return adapt_rgb_weight(have, want.shape[1]), f"{key}: {RGB} -> {want.shape[1]} input channels"
     if key == "pos_embed":
         resized = _resized_positions(target, have, want)
@@ -237,7 +238,8 @@ def _fit(target: nn.Module, state: Mapping[str, Tensor]) -> _Fit:
     return fit
 
 
-def _no_fit_error(source: str, backbone: nn.Module, tried: list[tuple[_Reading, str, nn.Module, _Fit]]) -> CheckpointError:
+def _no_fit_error(source: str, backbone: nn.Module,
+                  tried: list[tuple[_Reading, str, nn.Module, _Fit]]) -> CheckpointError:
     """The error naming the file and the closest (reading, target) pair's problems."""
     if not tried:
         return CheckpointError(f"{source}: no backbone weights found: expected a state dict of tensors, a DINO "

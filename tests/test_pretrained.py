@@ -17,7 +17,6 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from reference_vit import reference_vit
 
 from dino_pytorch import DINO, IBOTConfig, load_pretrained
 from dino_pytorch.checkpoint import CheckpointError, official_state_dict, save_checkpoint
@@ -25,6 +24,7 @@ from dino_pytorch.head import DINOHead
 from dino_pytorch.models import DinoVisionTransformer, as_masked_vit, vit_tiny
 from dino_pytorch.optim import build_optimizer
 from dino_pytorch.pretrained import WeightsDoNotFit
+from reference_vit import reference_vit
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

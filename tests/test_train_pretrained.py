@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from train_cases import ROOT, load, run
 
 from dino_pytorch.cli import train
 from dino_pytorch.models import vit_tiny
+from train_cases import ROOT, load, run
 
 ERRORS_BASE = ["--dataset", "fashion_mnist", "--arch", "convnet", "--width", "4", "--out_dim", "16",
                "--hidden_dim", "16", "--bottleneck_dim", "8", "--batch_size_per_gpu", "8", "--local_crops_number",
@@ -29,7 +29,8 @@ def test_flag_errors_are_one_line(tmp_path, capsys):
     base = [*ERRORS_BASE, "--output_dir", str(tmp_path / "run")]
     err = one_line_error([*base, "--pretrained_weights", str(tmp_path / "no_such.pth")], capsys)
     assert f"--pretrained_weights '{tmp_path / 'no_such.pth'}': no such file" in err
-    assert "--head_warmup_steps -1: expected an int >= 0" in one_line_error([*base, "--head_warmup_steps", "-1"], capsys)
+    err = one_line_error([*base, "--head_warmup_steps", "-1"], capsys)
+    assert "--head_warmup_steps -1: expected an int >= 0" in err
     assert "--backbone_lr_scale -0.1: expected a finite number >= 0" in one_line_error(
         [*base, "--backbone_lr_scale", "-0.1"], capsys)
     garbage = tmp_path / "garbage.pth"
@@ -98,7 +99,8 @@ def test_run_from_rgb_weights_resumed_inside_and_after_the_warm_up_is_bit_identi
     heads0, heads2 = prefixed(initial["student"], "head."), prefixed(saved[2]["student"], "head.")
     assert not any(torch.equal(v, heads2[k]) for k, v in heads0.items() if k.endswith(("weight", "weight_v")))
     # After it: the backbone trains, the prototypes are held from step 3 on (the freeze's first epoch).
-    assert not torch.equal(saved[4]["student"]["backbone.blocks.0.attn.qkv.weight"], expected["blocks.0.attn.qkv.weight"])
+    qkv = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(saved[4]["student"][f"backbone.{qkv}"], expected[qkv])
     assert torch.equal(saved[4]["student"]["head.last_layer.weight_v"], b["student"]["head.last_layer.weight_v"])
     assert not torch.equal(saved[4]["student"]["head.mlp.0.weight"], b["student"]["head.mlp.0.weight"])
     scaled = [g for g in b["optimizer"]["param_groups"] if "lr_scale" in g]

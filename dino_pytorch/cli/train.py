@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
-from ..diagnostics import CollapseMonitor, CollapseThresholds
 from ..checkpoint import CheckpointError
+from ..diagnostics import CollapseMonitor, CollapseThresholds
 from ..dino import DINO
 from ..optim import build_optimizer
 from ..precision import autocast, grad_scaler
