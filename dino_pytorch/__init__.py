@@ -1,6 +1,7 @@
 """dino-pytorch: DINO self-supervised learning, composable and numerically official."""
 from ._version import __version__
 from .augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
+from .data import ImageFiles, sample_statistics
 from .dino import DINO
 from .head import DINOHead
 from .ibot import IBOTConfig
@@ -23,6 +24,7 @@ __all__ = [
     "GramLoss",
     "IBOTConfig",
     "IBOTPatchLoss",
+    "ImageFiles",
     "KoLeoLoss",
     "MultiCropRecipe",
     "MultiCropTransform",
@@ -31,4 +33,5 @@ __all__ = [
     "cosine_scheduler",
     "load_pretrained",
     "resize_patch_grid",
+    "sample_statistics",
 ]

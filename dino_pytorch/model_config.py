@@ -7,10 +7,14 @@ A checkpoint written by the training program carries, under ``"model_config"``::
      "backbone_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": 96, "in_chans": 1, "img_size": 28, ...},
      "head": {"in_dim": 96, "out_dim": 4096, "use_bn": True, "norm_last_layer": True, "nlayers": 3,
               "hidden_dim": 512, "bottleneck_dim": 128},
-     "data": {"dataset": "fashion_mnist", "in_chans": 1, "image_size": 28, "mean": [...], "std": [...]}}
+     "data": {"dataset": "fashion_mnist", "in_chans": 1, "image_size": 28, "mean": [...], "std": [...],
+              "value_range": None, "statistics": "default"}}
 
 so every program rebuilds the backbone from the file alone (``create_model(arch, **backbone_kwargs)``)
-and feeds it images prepared as in training. Files without it (official checkpoints, ours before
+and feeds it images prepared as in training: ``mean`` / ``std`` are what the run normalised with
+(``statistics``: ``"default"``, ``"given"`` or ``"auto (N images, seed S)"``, docs/own-data.md), and
+``value_range`` the per-band ``[low, high]`` that mapped band files to ``[0, 1]`` (None: photos, or
+integer bands by their dtype's range). Files without it (official checkpoints, ours before
 0.2, checkpoints of a user's own backbone, which no name can rebuild) still load, given the
 architecture flags or through the Python API. A ``schema_version`` newer than this code knows is
 refused rather than half-read.
@@ -42,7 +46,8 @@ def make_model_config(
         arch: a name :func:`dino_pytorch.models.create_model` knows.
         backbone_kwargs: the keyword arguments that built the backbone (``create_model(arch, **kw)``).
         head: the :class:`~dino_pytorch.DINOHead` keyword arguments (``in_dim``, ``out_dim``, ...).
-        data: how inputs were prepared: ``dataset``, ``in_chans``, ``image_size``, ``mean``, ``std``.
+        data: how inputs were prepared: ``dataset``, ``in_chans``, ``image_size``, ``mean``, ``std``
+            (and, from dino-train, ``value_range`` and ``statistics``).
     """
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"arch={arch!r}, expected a model name (str)")
