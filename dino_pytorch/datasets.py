@@ -110,7 +110,8 @@ class SeededTransform(Dataset):
     Items are ``(transform(image), label)``, or ``(transform(image), label, key)`` with
     ``return_key=True``: the key lets the training loop seed an on-device batched augmenter per
     sample too. Entries of the dataset's items after the label (an
-    :class:`~dino_pytorch.data.ImageFiles`' replaced files) follow unchanged.  ``transform=None`` passes images through untouched (no seeding needed).
+    :class:`~dino_pytorch.data.ImageFiles`' replaced files) follow unchanged.  ``transform=None``
+    passes images through untouched (no seeding needed).
     """
 
     def __init__(self, dataset: Dataset, transform: Optional[Callable], seed: int = 0, *,

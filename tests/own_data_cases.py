@@ -34,7 +34,8 @@ def write_bands(path, array):
         # Bands as grey samples: planes first for (C, H, W), interleaved for (H, W, C); one band as (H, W).
         if array.ndim == 3 and 1 in (array.shape[0], array.shape[2]):
             array = array.reshape(array.shape[1], -1) if array.shape[0] == 1 else array[..., 0]
-        layout = {} if array.ndim == 2 else {"planarconfig": "separate" if array.shape[0] < array.shape[2] else "contig"}
+        planes = array.ndim == 3 and array.shape[0] < array.shape[2]
+        layout = {} if array.ndim == 2 else {"planarconfig": "separate" if planes else "contig"}
         tifffile.imwrite(path, array, photometric="minisblack", **layout)
     return path
 

@@ -103,6 +103,7 @@ def test_dino_train_on_float_band_files_stores_the_range_and_eval_knn_reads_it(t
     assert train_set.value_range == tuple(map(tuple, stored["value_range"]))  # the training's map, not re-measured
     assert train_set.transform.mean == tuple(stored["mean"]) and train_set.transform.std == tuple(stored["std"])
     first = (arrays[0].astype(np.float64) - low[:, None, None]) / (high - low)[:, None, None]
-    torch.testing.assert_close(train_set.copy(transform=None)[0][0].double(), torch.from_numpy(first), atol=1e-6, rtol=0)
+    read = train_set.copy(transform=None)[0][0]
+    torch.testing.assert_close(read.double(), torch.from_numpy(first), atol=1e-6, rtol=0)
     results = eval_knn(eval_argv)
     assert results[1][0] == 100.0  # every query is in the bank: its own nearest neighbour

@@ -81,7 +81,7 @@ def test_corrupt_files_are_replaced_by_index_and_attempt_and_named(tmp_path):
     bad = {"6.jpg", "7.png", "8.npy", "9.png"}
     reasons = {"6.jpg": "UnidentifiedImageError", "7.png": "OSError", "8.npy": "4 channels, the data have 3",
                "9.png": "4 pixels, fewer than the 20"}
-    for index, name in enumerate(files.names):
+    for index in range(len(files)):
         image, label, replaced = files[index]
         # The naive chain: attempt k replaces the current file by replacement_index(index, k).
         expected, current, attempt = [], index, 0

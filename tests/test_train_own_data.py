@@ -1,7 +1,6 @@
 """dino-train and the evaluation programs on own data: flag checks in one line, a run over a folder
 with corrupt files (counted, reported, resumed bit-identically), --mean auto in the checkpoint and
 dino-eval-knn reading it, and unlabelled data refused by the evaluations."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +46,8 @@ def test_flags_against_the_data_fail_in_one_line(folders, tmp_path, capsys):
     photos, bands = str(folders / "photos"), str(folders / "bands")
     common = [*TINY, "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]
     cases = [
-        (["--data_path", photos, "--in_chans", "4"], f"--in_chans 4: the data ({photos}) have 3 channels; expected 1 or 3"),
+        (["--data_path", photos, "--in_chans", "4"],
+         f"--in_chans 4: the data ({photos}) have 3 channels; expected 1 or 3"),
         (["--data_path", bands, "--in_chans", "3"], f"--in_chans 3: the data ({bands}) have 13 channels; expected 13"),
         (["--data_path", photos, "--mean", "0.5", "0.5"], "--mean 0.5 0.5: 2 numbers for 3-channel images"),
         (["--data_path", photos, "--std", "auto", "x"], "--std auto x: expected auto or 3 numbers"),

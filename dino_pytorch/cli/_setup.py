@@ -347,8 +347,9 @@ def eval_datasets(
         if val_path is None and not has_split_folders(data_path):
             raise UsageError(f"--data_path {data_path!r}: expected a folder with train/ and val/ image folders "
                              "(or --train_data and --val_data)")
-        train_set, test_set = own_eval_sets(data_path, val_path, channels=channels, image_size=image_size,  # type: ignore[arg-type]
-                                            stats=stats, train_augment=train_augment)
+        own_train, own_test = own_eval_sets(data_path, val_path, channels=channels,  # type: ignore[arg-type]
+                                            image_size=image_size, stats=stats, train_augment=train_augment)
+        train_set, test_set = own_train, own_test  # type: ignore[assignment]
     else:
         raise UsageError(f"--dataset {dataset!r}, expected imagefolder or fashion_mnist")
     if subset is not None and subset < 1:

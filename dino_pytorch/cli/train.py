@@ -43,9 +43,9 @@ from .run_control import RunControl
 from .train_checkpoint import Checkpointer, resume_or_start
 from .train_data import TrainData, build_data, make_views
 from .train_evals import KnnEvals
-from .train_sources import OwnDataKnn, open_train_data, own_attention_maps
 from .train_flags import get_args_parser, ibot_config, resolve_defaults
 from .train_report import RunLog, write_pictures
+from .train_sources import OwnDataKnn, open_train_data, own_attention_maps
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:

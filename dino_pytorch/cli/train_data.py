@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import threading
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch

@@ -77,13 +77,13 @@ def open_dataset(args: argparse.Namespace) -> Dataset:
         from ..datasets import FashionMNIST
 
         return FashionMNIST(train=True)
-    from ..data import ImageFiles
-
     from ..augment import MultiCropRecipe
+    from ..data import ImageFiles
 
     # A file too small for the recipe's smallest crop is replaced like a corrupt one (and left out of
     # the statistics); the smallest crop depends on the scales only.
-    min_pixels = MultiCropRecipe(args.global_crops_scale, args.local_crops_scale, args.local_crops_number).min_image_pixels
+    scales = MultiCropRecipe(args.global_crops_scale, args.local_crops_scale, args.local_crops_number)
+    min_pixels = scales.min_image_pixels
     flag, path = ("file_list", args.file_list) if args.file_list else ("data_path", args.data_path)
     try:
         files = ImageFiles.open(path, report_failures=True, min_pixels=min_pixels)
@@ -107,8 +107,8 @@ def resolve_channels(args: argparse.Namespace, found: int, grey_or_rgb: bool, wh
     default = (1 if args.dataset == "fashion_mnist" else 3) if grey_or_rgb else found
     if is_torchvision_arch(args.arch):
         if 3 not in allowed or args.in_chans not in (None, 3):
-            raise UsageError(f"--arch {args.arch}: a torchvision model takes 3 channels, and "
-                             f"{f'--in_chans {args.in_chans}' if args.in_chans else f'the data ({where}) have {found}'}")
+            given = f"--in_chans {args.in_chans}" if args.in_chans else f"the data ({where}) have {found}"
+            raise UsageError(f"--arch {args.arch}: a torchvision model takes 3 channels, and {given}")
         return 3
     if args.in_chans is None:
         return default
@@ -130,13 +130,12 @@ def open_train_data(args: argparse.Namespace, announce: bool = True) -> TrainSou
     found = 1 if files is None else files.channels
     grey_or_rgb = files is None or files.photos
     args.in_chans = channels = resolve_channels(args, found, grey_or_rgb, where)
-    mean, std = _flag_values("mean", args.mean, channels), _flag_values("std", args.std, channels)
+    given_mean, given_std = _flag_values("mean", args.mean, channels), _flag_values("std", args.std, channels)
+    defaults: tuple[Any, Any] = ("auto", "auto")  # no published statistics for this kind of data
     if files is None or (files.photos and channels == 3):
-        default_mean, default_std = dataset_stats(args.dataset, channels)
-    else:
-        default_mean = default_std = "auto"  # no published statistics for this kind of data
-    mean = default_mean if mean is None else mean
-    std = default_std if std is None else std
+        defaults = dataset_stats(args.dataset, channels)
+    mean: Any = defaults[0] if given_mean is None else given_mean
+    std: Any = defaults[1] if given_std is None else given_std
     value_range = files.value_range if files is not None else None
     how = "given" if args.mean is not None or args.std is not None else "default"
     if "auto" in (mean, std) or (files is not None and files.float_bands and value_range is None):
@@ -152,9 +151,9 @@ def open_train_data(args: argparse.Namespace, announce: bool = True) -> TrainSou
         mean = measured.mean if mean == "auto" else mean
         std = measured.std if std == "auto" else std
         if announce:
-            _say_statistics(measured, mean, std, value_range, args, where)  # type: ignore[arg-type]
+            _say_statistics(measured, mean, std, value_range, args, where)
     labelled = files is None or files.labelled
-    return TrainSource(dataset, None if files is None else where, channels, tuple(mean), tuple(std),  # type: ignore[arg-type]
+    return TrainSource(dataset, None if files is None else where, channels, tuple(mean), tuple(std),
                        value_range, labelled, how)
 
 
@@ -217,8 +216,8 @@ class ReplacedFiles:
             print(f"data: {self._counts()} replaced by other samples in this run; first: {named}", flush=True)
 
     def _counts(self) -> str:
-        files = len(self.files)
-        return f"{files} undecodable file{'s' if files != 1 else ''} ({self.reads} read{'s' if self.reads != 1 else ''})"
+        files, reads = len(self.files), self.reads
+        return f"{files} undecodable file{'s' if files != 1 else ''} ({reads} read{'s' if reads != 1 else ''})"
 
 
 KNN_K = 20  # knn_top1's k
@@ -237,7 +236,8 @@ class OwnDataKnn(KnnEvals):
     def __init__(self, args: argparse.Namespace, dino: DINO, source: TrainSource, device: torch.device,
                  run_log: RunLog, hook: ReportHook, is_main: bool) -> None:
         super().__init__(args, dino, source.path, device, run_log, hook, is_main)
-        self.source, self.sets, self.on = source, None, source.labelled
+        self.source, self.on = source, source.labelled
+        self.sets: Optional[tuple[Dataset, Dataset]] = None
         if not self.on and is_main and (args.knn_every or not args.no_final_knn):
             print(f"k-NN evaluations skipped: {source.path} has no labels (class subfolders, or 'path<TAB>class' "
                   "lines in a file list)", flush=True)

@@ -88,8 +88,8 @@ def read_file_list(path: Union[str, Path]) -> tuple[list[str], Optional[list[str
     entries.sort(key=lambda e: e[0])
     labelled = [label is not None for _, label, _ in entries]
     if any(labelled) and not all(labelled):
-        name, label, number = next(e for e, has in zip(entries, labelled) if has != labelled[0])
-        raise ValueError(f"file list {str(path)!r}, line {number} ({name!r}): {'a' if label else 'no'} class after "
+        odd, odd_label, number = next(e for e, has in zip(entries, labelled) if has != labelled[0])
+        raise ValueError(f"file list {str(path)!r}, line {number} ({odd!r}): {'a' if odd_label else 'no'} class after "
                          "a tab, unlike other lines; expected every line 'path<TAB>class' or every line 'path'")
     return [name for name, _, _ in entries], ([label for _, label, _ in entries] if labelled[0] else None)  # type: ignore[misc]
 
@@ -152,12 +152,13 @@ class ImageFiles(Dataset):
         names = find_images(root)
         if not names:
             raise ValueError(f"root={str(root)!r}: no image files under it (extensions {' '.join(IMAGE_EXTENSIONS)})")
-        folders = [name.split("/")[0] if "/" in name else None for name in names]
-        labels = classes = None
-        if all(folders):
-            classes = sorted(set(folders))  # type: ignore[type-var]
-            labels = [classes.index(f) for f in folders]  # type: ignore[arg-type]
-        return cls([os.path.join(root, n) for n in names], names=names, labels=labels, classes=classes or (), **kwargs)
+        labels: Optional[list[int]] = None
+        classes: list[str] = []
+        if all("/" in name for name in names):
+            folders = [name.split("/")[0] for name in names]
+            classes = sorted(set(folders))
+            labels = [classes.index(f) for f in folders]
+        return cls([os.path.join(root, n) for n in names], names=names, labels=labels, classes=classes, **kwargs)
 
     @classmethod
     def from_file_list(cls, path: Union[str, Path], **kwargs: Any) -> ImageFiles:

@@ -139,7 +139,8 @@ def sample_statistics(dataset: Dataset, *, sample: int = STATISTICS_SAMPLE, seed
         ValueError: a channel is constant over the sample (its std is 0: normalising would divide by 0).
     """
     indices = sample_indices(len(dataset), sample, seed)  # type: ignore[arg-type]
-    value_range, skipped = None, []
+    value_range: Optional[ValueRange] = None
+    skipped: list[str] = []
     if isinstance(dataset, ImageFiles):
         if dataset.float_bands and dataset.value_range is None:
             value_range, skipped = band_range(dataset, indices)
