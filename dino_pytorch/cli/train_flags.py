@@ -21,6 +21,7 @@ from ._setup import (
     add_model_args,
     bool_flag,
     check_flags,
+    image_channels,
 )
 
 DESCRIPTION = """Train DINO: the library's three-line DINO plus a loop.
@@ -208,7 +209,9 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: b
     if args.augment == "batched" and not small:
         raise UsageError("--augment batched needs equal-size uint8 images: use it with --dataset fashion_mnist")
     check_dinov2_flags(args)
-    # args.in_chans is settled against the data by train_sources.open_train_data.
+    if small and args.in_chans is None:  # the data's default; own data: read off the files later
+        args.in_chans = image_channels(args.dataset, args.arch)
+    # args.in_chans is checked against the data by train_sources.open_train_data.
 
 
 def _shown(value: Any) -> str:
