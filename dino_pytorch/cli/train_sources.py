@@ -1,7 +1,9 @@
 """dino-train's data source: which images (Fashion-MNIST, a folder tree or a file list), how many
 channels the model takes (``--in_chans``), the normalisation statistics (``--mean`` / ``--std``,
 measured with ``auto``) and the value range of band files (``--value_range``), resolved once at
-start-up; and the count of undecodable files the run replaced (:class:`ReplacedFiles`).
+start-up (:func:`open_train_data`); the count of undecodable files the run replaced
+(:class:`ReplacedFiles`); and the k-NN and attention maps of own data, read with the run's
+statistics (:class:`OwnDataKnn`, :func:`own_attention_maps`).
 
 The defaults: Fashion-MNIST keeps its own statistics and RGB photos ImageNet's (the official
 recipe); every other kind of data (grey photos for ``--in_chans 1``, band files) is measured as
