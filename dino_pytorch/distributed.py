@@ -35,3 +35,12 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed() and get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters and gradients); any other tensor itself.
+
+    Duck-typed (``to_local``), so that importing this module never imports torch.distributed.tensor.
+    """
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
