@@ -12,7 +12,7 @@ from .diagnostics import collapse_metrics
 from .dino_recipe import DINORecipe
 from .features import as_feature_extractor, check_input_size, feature_dim_hint, infer_feature_dim
 from .head import DINOHead
-from .ibot import IBOTConfig, MaskedMultiCropWrapper, check_masked_backbone, step_masks
+from .ibot import IBOTConfig, MaskedMultiCropWrapper, check_ibot_config, check_masked_backbone, step_masks
 from .koleo import KoLeoLoss
 from .losses import DINOLoss, IBOTPatchLoss
 from .schedules import DINOSchedules
@@ -152,12 +152,7 @@ class DINO(DINORecipe, nn.Module):
         _check_one_momentum_source(schedules, momentum_teacher=momentum_teacher, final_momentum=final_momentum,
                                    total_steps=total_steps)
         self.fused_head_loss = check_bool("fused_head_loss", fused_head_loss)
-        if ibot is not None and not isinstance(ibot, IBOTConfig):
-            raise TypeError(f"ibot is a {type(ibot).__name__}, expected an IBOTConfig or None")
-        if ibot is not None and fused_head_loss:
-            raise ValueError("fused_head_loss=True with ibot=: the fused head loss covers the DINO loss only; "
-                             "expected one or the other")
-        self.ibot = ibot
+        self.ibot = check_ibot_config(ibot, self.fused_head_loss)
         self.patch_size = check_masked_backbone(backbone) if ibot is not None else None
         features = as_feature_extractor(backbone)
         size = check_input_size("input_size", input_size)

@@ -77,6 +77,16 @@ class IBOTConfig:
         check_int("seed", self.seed, 0)
 
 
+def check_ibot_config(ibot: Optional[IBOTConfig], fused_head_loss: bool) -> Optional[IBOTConfig]:
+    """``DINO(ibot=)``'s value, checked: an :class:`IBOTConfig` or None, never with the fused head loss."""
+    if ibot is not None and not isinstance(ibot, IBOTConfig):
+        raise TypeError(f"ibot is a {type(ibot).__name__}, expected an IBOTConfig or None")
+    if ibot is not None and fused_head_loss:
+        raise ValueError("fused_head_loss=True with ibot=: the fused head loss covers the DINO loss only; "
+                         "expected one or the other")
+    return ibot
+
+
 def check_masked_backbone(backbone: nn.Module) -> int:
     """The backbone's ``patch_size``; one line naming what is missing when it cannot run iBOT."""
     patch = getattr(backbone, "patch_size", None)

@@ -118,6 +118,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_program("dino-train", _main, argv)
 
 
+def finish_run(args: argparse.Namespace, dino: DINO, control: RunControl, total_steps: int, out: Path,
+               config: dict[str, Any], data_path: Any, run_log: RunLog, evals: Any, hook: ReportHook,
+               is_main: bool) -> None:
+    """The end of a run that did not fail: the stop line, then (unless stopped by a signal) the final
+    k-NN, the attention maps and the pictures on the main rank."""
+    elapsed = time.time() - control.start
+    if is_main:
+        print(f"stopped at step {dino.step}/{total_steps}: {control.stop_reason or 'finished'} ({elapsed:.0f}s)"
+              + (f"; checkpoint saved, exit status {control.exit_code}" if control.exit_code else ""), flush=True)
+    if control.exit_code:
+        run_log.finish([])
+    elif is_main:
+        if not args.no_final_knn:
+            evals.final(out)
+        maps = own_attention_maps(out, dino.teacher_backbone, config, args.attention_maps, evals)
+        write_pictures(out, dino.teacher_backbone, config, maps, data_path, run_log,
+                       hook=None if args.no_final_knn else hook)
+
+
 def build_schedules(args: argparse.Namespace, total_steps: int, warmup_steps: int, world_size: int) -> DINOSchedules:
     """The official per-step lr (scaled by the global batch / 256), weight decay and momentum."""
     global_batch = args.batch_size_per_gpu * world_size * args.grad_accum_steps
@@ -213,18 +232,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     control.close()
 
     # ---- final evaluation and pictures -----------------------------------------------------------
-    elapsed = time.time() - control.start
-    if is_main:
-        print(f"stopped at step {dino.step}/{total_steps}: {control.stop_reason or 'finished'} ({elapsed:.0f}s)"
-              + (f"; checkpoint saved, exit status {control.exit_code}" if control.exit_code else ""), flush=True)
-    if control.exit_code:
-        run_log.finish([])
-    elif is_main:
-        if not args.no_final_knn:
-            evals.final(out)
-        maps = own_attention_maps(out, dino.teacher_backbone, config, args.attention_maps, evals)
-        write_pictures(out, dino.teacher_backbone, config, maps, source.path, run_log,
-                       hook=None if args.no_final_knn else hook)
+    finish_run(args, dino, control, total_steps, out, config, source.path, run_log, evals, hook, is_main)
     if distributed.is_distributed():
         dist.barrier()
         dist.destroy_process_group()

@@ -97,11 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "on the device. Default: batched for fashion_mnist, per_image otherwise")
     p.add_argument("--global_crop_size", default=None, type=int, help="default 224 (28 for fashion_mnist)")
     p.add_argument("--local_crop_size", default=None, type=int, help="default 96 (16 for fashion_mnist)")
-    p.add_argument("--hidden_dim", default=2048, type=int)
-    p.add_argument("--bottleneck_dim", default=256, type=int)
-    p.add_argument("--fused_head_loss", default=False, type=bool_flag,
-                   help="apply the head's last layer inside the loss, block by block: the (views*B, out_dim) student "
-                        "logits never exist at once (~0.16x the peak memory of head + loss at out_dim 65536)")
+    add_head_args(p)
     p.add_argument("--attention_maps", default=4, type=int, help="ViT only: attention PNGs of N test images at the end")
     p.add_argument("--no_progress", action="store_true", help="plain log lines instead of a tqdm bar")
     p.add_argument("--tensorboard", action="store_true",
@@ -115,6 +111,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_weights_args(p)
     add_debug_flag(p)
     return p
+
+
+def add_head_args(p: argparse.ArgumentParser) -> None:
+    """The head's widths beyond the official flags, and the fused head loss."""
+    p.add_argument("--hidden_dim", default=2048, type=int)
+    p.add_argument("--bottleneck_dim", default=256, type=int)
+    p.add_argument("--fused_head_loss", default=False, type=bool_flag,
+                   help="apply the head's last layer inside the loss, block by block: the (views*B, out_dim) student "
+                        "logits never exist at once (~0.16x the peak memory of head + loss at out_dim 65536)")
 
 
 def add_weights_args(p: argparse.ArgumentParser) -> None:
