@@ -801,7 +801,7 @@ def test_bad_call_arguments_raise():
         (dict(local_crops_number=-1), ValueError, "local_crops_number"),
         (dict(flip_prob=1.5), ValueError, "flip_prob"),
         (dict(hue=0.6), ValueError, "hue"),
-        (dict(mean=(0.5, 0.5), std=(0.5, 0.5)), ValueError, "mean"),
+        (dict(mean=(0.5, 0.5), std=(0.5,)), ValueError, "mean"),
         (dict(interpolation="lanczos"), ValueError, "interpolation"),
         (dict(interpolation="box"), ValueError, "interpolation"),
     ],
