@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .checkpoint import make_official_checkpoint
 from .optim import cancel_gradients_, clip_gradients_, frozen_parameters, get_params_groups, set_schedules
 from .schedules import DINOSchedules
+from .validate import check_choice
 
 
 class DINORecipe:
@@ -107,12 +108,25 @@ class DINORecipe:
         """Drop the prototypes' gradients (official ``--freeze_last_layer``: call while epoch < N)."""
         cancel_gradients_(self.last_layer_parameters())
 
-    def distribute(self, device_ids: Optional[Sequence[int]] = None, sync_batchnorm: bool = True) -> Any:
-        """Wrap the student in DistributedDataParallel (needs an initialised process group).
+    def distribute(self, device_ids: Optional[Sequence[int]] = None, sync_batchnorm: bool = True,
+                   strategy: str = "ddp", **fsdp_options: Any) -> Any:
+        """Wrap the student in DistributedDataParallel (needs an initialised process group), or with
+        ``strategy="fsdp"`` shard the student and the teacher alike with FSDP2, one unit per block
+        (:func:`dino_pytorch.fsdp.shard_dino`, which takes ``fsdp_options``: ``units``,
+        ``param_dtype``, ``reduce_dtype``). Build the optimizer after this call.
 
         With ``sync_batchnorm`` the BatchNorm layers of the student and the teacher become
         SyncBatchNorm, as official; that needs CUDA, so on the CPU they stay per rank.
         """
+        check_choice("strategy", strategy, ("ddp", "fsdp"))
+        if strategy == "fsdp":
+            from .fsdp import shard_dino
+
+            shard_dino(self, sync_batchnorm=sync_batchnorm, **fsdp_options)
+            return self
+        if fsdp_options:
+            raise TypeError(f"distribute() got {', '.join(fsdp_options)} with strategy='ddp': FSDP options, "
+                            "expected strategy='fsdp' with them")
         on_cuda = any(p.is_cuda for p in self.student.parameters())  # the model's device, not the machine's
         if sync_batchnorm and on_cuda and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()
@@ -126,10 +140,15 @@ class DINORecipe:
         return self
 
     def no_sync(self, skip: bool = True) -> contextlib.AbstractContextManager[object]:
-        """DDP's ``no_sync`` while ``skip`` (micro-batches before the last of an accumulation)."""
+        """DDP's ``no_sync`` (FSDP: no reduce-scatter) while ``skip`` (micro-batches before the last of an
+        accumulation)."""
         ddp = self._student_forward
         if skip and isinstance(ddp, nn.parallel.DistributedDataParallel):
             return ddp.no_sync()
+        if skip and callable(getattr(self.student, "set_requires_gradient_sync", None)):  # FSDP2
+            from .fsdp import gradient_sync
+
+            return gradient_sync(self.student, enabled=False)
         return contextlib.nullcontext()
 
     def compile_forwards(self, **compile_kwargs: Any) -> Any:

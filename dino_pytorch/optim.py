@@ -82,10 +82,10 @@ def clip_gradients_(parameters: Iterable[nn.Parameter], clip: float) -> list[Ten
         norms = global_norms(grads)
         grads = [local_tensor(g) for g in grads]
     else:
-        norms = torch._foreach_norm(grads)
+        norms = list(torch._foreach_norm(grads))
     coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
     torch._foreach_mul_(grads, coefs)
-    return list(norms)
+    return norms
 
 
 def cancel_gradients_(parameters: Sequence[nn.Parameter]) -> None:

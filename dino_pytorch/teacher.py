@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union, cast
 import torch
 from torch import Tensor, nn
 
+from .distributed import local_tensor
 from .schedules import cosine_value
 from .validate import check_bool, check_choice, check_optional_positive_int, check_probability
 
@@ -36,6 +37,9 @@ class _Plan:
         self.registries = [d.values() for d in _registries(list(teacher.modules()) + list(student.modules()))]
         self.student = student
         self.tensors = [t for pair in params + buffers for t in pair]
+        # FSDP2's DTensor parameters: the pairs hold their local shards, which FSDP may swap for new
+        # tensors on the same parameter object (lazy init), so the shards' ids are part of the key.
+        self.sharded = [p for p in chain(teacher.parameters(), student.parameters()) if local_tensor(p) is not p]
         self.key = self._key()
         # (teacher list, student list) per device and dtype: one foreach call each.
         self.groups = list(_grouped(params).values())
@@ -46,6 +50,7 @@ class _Plan:
         return (
             list(map(id, chain.from_iterable(self.registries))), list(map(len, self.registries)),
             list(map(Tensor.data_ptr, tensors)), [t.shape for t in tensors], [t.dtype for t in tensors],
+            [id(local_tensor(p)) for p in self.sharded],
         )
 
     def valid_for(self, student: nn.Module) -> bool:
@@ -134,12 +139,15 @@ class EMATeacher(nn.Module):
         return cosine_value(self.momentum, self.final_momentum, min(step, self.total_steps - 1), self.total_steps)
 
     def _pairs(self, student: nn.Module) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
-        t_params, s_params = list(self.module.parameters()), list(student.parameters())
+        # Sharded (FSDP2) parameters pair by their local shards: the EMA of shards needs no collective.
+        t_params = [local_tensor(p) for p in self.module.parameters()]
+        s_params = [local_tensor(p) for p in student.parameters()]
         t_bufs, s_bufs = list(self.module.buffers()), list(student.buffers())
         if len(t_params) != len(s_params) or any(t.shape != s.shape for t, s in zip(t_params, s_params)):
             raise ValueError(
                 "student does not match the teacher's architecture (parameter count or shapes "
-                "differ); expected the module the teacher was copied from"
+                "differ, or one is sharded and the other not); expected the module the teacher was copied from, "
+                "both sharded alike (DINO.distribute(strategy='fsdp') shards both)"
             )
         if any(t is s for t, s in zip(t_params, s_params)):
             raise ValueError("the teacher shares parameter tensors with the student; expected a separate copy")
@@ -150,6 +158,9 @@ class EMATeacher(nn.Module):
         self, student: Optional[nn.Module] = None, momentum: Optional[float] = None, skip: Optional[Tensor] = None
     ) -> float:
         """One EMA step ``t <- m t + (1 - m) s`` over all parameters; returns the m used.
+
+        Sharded alike by FSDP2 (:func:`dino_pytorch.fsdp.shard_dino`), each rank averages its local
+        shards (``DTensor.to_local()``): the update issues no collective.
 
         Args:
             student: the student module (default: the one given at construction).
