@@ -44,6 +44,7 @@ setup(
             "dino-eval-linear = dino_pytorch.cli.eval_linear:main",
             "dino-visualize-attention = dino_pytorch.cli.visualize_attention:main",
             "dino-plot-curves = dino_pytorch.cli.plot_curves:main",
+            "dino-export = dino_pytorch.cli.export:main",
         ]
     },
     classifiers=[
