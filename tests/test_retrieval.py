@@ -196,3 +196,18 @@ def test_retrieval_png_only_with_the_demo_hook(tmp_path, tiny_fashion_mnist):
     # The training program passes the hook with the final k-NN only (not under --no_final_knn).
     write_pictures(tmp_path / "off", ConvNet(width=2, stages=1), CONFIG, 0, str(tiny_fashion_mnist))
     assert not list(tmp_path.glob("*/retrieval.png"))
+
+
+def test_retrieval_png_of_a_folder_holding_some_classes(tmp_path):
+    # FASHION_MNIST_DIR may hold a subset of the classes (issue 20's halves hold 5-9): the queries
+    # are the first test image of each class present, not of classes 0-7.
+    rng = np.random.default_rng(1)
+    root = tmp_path / "half"
+    root.mkdir()
+    for split, n in (("train", 20), ("t10k", 10)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", 5 + np.arange(n) % 5)
+    out = tmp_path / "run"
+    demo = FashionMNISTDemo(CONFIG, RunLog(out, is_main=True), data_path=str(root))
+    write_pictures(out, ConvNet(width=2, stages=1), CONFIG, 0, hook=demo)
+    assert matplotlib.image.imread(out / "retrieval.png").shape[:2] == expected_size(5, [5, 5])

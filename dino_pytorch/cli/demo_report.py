@@ -105,7 +105,7 @@ def garment_attention(run_log: RunLog, backbone: nn.Module, config: dict[str, An
 
 @torch.no_grad()
 def retrieval_picture(png: Path, backbone: nn.Module, config: dict[str, Any], data_path: Optional[str]) -> None:
-    """retrieval.png: the first test image of each of the first 8 classes, its 5 nearest training
+    """retrieval.png: the first test image of each of the first 8 classes present, its 5 nearest training
     images (all 60k) by raw pixels, then by the backbone's features. One feature pass over the
     training set (minutes for a ViT on one CPU thread); the pixels are the [0, 255] images the
     raw-pixel k-NN baseline compares."""
@@ -118,7 +118,8 @@ def retrieval_picture(png: Path, backbone: nn.Module, config: dict[str, Any], da
     data = config["data"]
     train_set, test_set = eval_datasets("fashion_mnist", data_path, data["in_chans"], data["image_size"])
     (train_x, train_y), (test_x, test_y) = load_fashion_mnist(True, data_path), load_fashion_mnist(False, data_path)
-    queries = first_of_each_class(test_y, 8)
+    # The first 8 classes present: FASHION_MNIST_DIR may hold a subset of the classes (a half, say).
+    queries = first_of_each_class(test_y, torch.unique(torch.as_tensor(test_y))[:8].tolist())
     device = next(backbone.parameters()).device
     train_f = extract_features(backbone, make_loader(train_set, 512, 0, device), device)[0]
     query_f = extract_features(backbone, make_loader(Subset(test_set, queries.tolist()), 512, 0, device), device)[0]
