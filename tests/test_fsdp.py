@@ -14,6 +14,8 @@ agree to 1e-5 while the weights move by more than 100x that.
 """
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,11 +26,15 @@ import torch.multiprocessing as mp
 
 from dino_pytorch import DINO
 from dino_pytorch.activation_checkpointing import checkpoint_blocks
+from dino_pytorch.cli import export
+from dino_pytorch.cli import train as train_program
 from dino_pytorch.export import export_official
 from dino_pytorch.fsdp import local_bytes
 from dino_pytorch.models import vit_tiny
-from dino_pytorch.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+from dino_pytorch.sharded_checkpoint import load_sharded_checkpoint, read_meta, save_sharded_checkpoint
 from reference_vit import reference_vit
+from test_distributed_equality import free_port
+from train_cases import TINY_VIT_SGD, run
 
 B, WORLD, STEPS, SAVE_AT = 4, 2, 11, 6  # the resumed runs take STEPS - SAVE_AT = 5 more steps
 LR, CLIP, FREEZE = 0.1, 3.0, 2  # CLIP: the official default, which bites about 2 in 3 gradients here
@@ -284,3 +290,76 @@ def test_export_of_the_two_rank_checkpoint_loads_into_the_official_vit(runs, tmp
     optimizer = torch.optim.SGD(ours.param_groups(), lr=LR, momentum=0.9)
     optimizer.load_state_dict(checkpoint["optimizer"])  # torch's own layout: an unsharded run resumes from it
     assert len(optimizer.state) == sum(1 for p in ours.student.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------ dino-train --fsdp and dino-export
+
+PROGRAM = [*TINY_VIT_SGD, "--vit_depth", "2", "--vit_embed_dim", "48", "--lr", "0.5", "--momentum_teacher", "0.9",
+           "--max_steps", "8", "--seed", "3", "--log_every", "8", "--device", "cpu", "--save_every_min", "0"]
+
+
+def program_error(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_fsdp_flag_and_export_errors_are_one_line(tmp_path, capsys):
+    base = [*PROGRAM, "--output_dir", str(tmp_path / "run")]
+    err = program_error(capsys, train_program.main, [*base, "--fsdp", "--fused_head_loss", "true"])
+    assert "--fused_head_loss true with --fsdp" in err and "expected --fused_head_loss false" in err
+    err = program_error(capsys, train_program.main, [*base, "--fsdp", "--precision", "fp16"])
+    assert "--precision fp16 with --fsdp: expected bf16" in err
+    err = program_error(capsys, export.main, [str(tmp_path / "none"), str(tmp_path / "out.pth")])
+    assert err.startswith("dino-export: error: checkpoint_dir") and "no such directory" in err
+    err = program_error(capsys, export.main, [str(tmp_path), str(tmp_path)])
+    assert f"out {str(tmp_path)!r} is a directory" in err
+
+
+@pytest.fixture(scope="module")
+def program_runs(tmp_path_factory) -> dict:
+    """dino-train: 1 process of 2B (checkpoint.pth), 2 ranks of B under --fsdp (the folder, exported),
+    that folder resumed in 1 process of 2B for 2 more steps."""
+    out = tmp_path_factory.mktemp("program")
+    start = time.time()
+    knn = ["--knn_every", "4", "--knn_train_subset", "200", "--knn_test_subset", "100"]  # rank 0 reads the teacher
+    run([*PROGRAM, *knn, "--batch_size_per_gpu", str(2 * B), "--output_dir", str(out / "one")])
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    two = run([*PROGRAM, *knn, "--fsdp", "--batch_size_per_gpu", str(B), "--output_dir", str(out / "two")],
+              launcher=launcher)
+    assert export.main([str(out / "two" / "checkpoint"), str(out / "two.pth")]) == 0
+    shutil.copytree(out / "two", out / "resumed")
+    resumed = run([*PROGRAM, "--fsdp", "--batch_size_per_gpu", str(2 * B), "--max_steps", "10",
+                   "--allow_schedule_change", "--output_dir", str(out / "resumed")])
+    return {"out": out, "two": two, "resumed": resumed, "seconds": time.time() - start}
+
+
+@pytest.mark.slow
+def test_dino_train_fsdp_equals_one_process_and_resumes_on_one(program_runs, capsys):
+    out = program_runs["out"]
+    assert program_runs["seconds"] < 60, f"the three dino-train runs took {program_runs['seconds']:.0f}s"
+    one, two = torch.load(out / "one" / "checkpoint.pth", weights_only=True), torch.load(out / "two.pth",
+                                                                                          weights_only=True)
+    assert one["step"] == two["step"] == 8 and two["model_config"] == one["model_config"]
+    for key in ("student", "teacher"):  # the program's FSDP run of B per rank = its 1-process run of 2B
+        assert one[key].keys() == two[key].keys()
+        for name, value in one[key].items():
+            torch.testing.assert_close(two[key][name], value, rtol=0, atol=TOLERANCE, msg=f"{key}.{name}")
+    torch.testing.assert_close(two["dino_loss"]["center"], one["dino_loss"]["center"], rtol=0, atol=TOLERANCE)
+    knn = [[(r["step"], r["knn_top1_subset"]) for r in map(json.loads, (out / run / "metrics.jsonl").open())
+            if "knn_top1_subset" in r] for run in ("one", "two")]  # the sharded teacher gathered for rank 0
+    assert [step for step, _ in knn[1]] == [step for step, _ in knn[0]] == [0, 4]
+    for (_, sharded), (_, whole) in zip(knn[1], knn[0]):  # weights equal to 1e-5: at most a near tie flips
+        assert sharded == pytest.approx(whole, abs=1.0)  # one test image in 100
+    assert f"resumed from {out / 'resumed' / 'checkpoint'} at step 8" in program_runs["resumed"].stdout
+    meta = read_meta(out / "resumed" / "checkpoint")
+    assert meta["step"] == 10 and meta["world_size"] == 1 and meta["args"]["fsdp"]
+    # The global batch is the resume's invariant: 1 process of B is refused, in one line.
+    err = program_error(capsys, train_program.main, [*PROGRAM, "--fsdp", "--batch_size_per_gpu", str(B),
+                                             "--output_dir", str(out / "two")])
+    assert "the global batch" in err and f"is {B} here but {2 * B}" in err
+    err = program_error(capsys, train_program.main, [*PROGRAM, "--batch_size_per_gpu", str(B), "--output_dir",
+                                             str(out / "two")])  # without --fsdp: dino-export named
+    assert "pass --fsdp" in err and "dino-export" in err

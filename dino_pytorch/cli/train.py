@@ -2,6 +2,7 @@
 
     dino-train --dataset fashion_mnist --arch convnet --output_dir runs/fmnist
     torchrun --nproc_per_node=2 -m dino_pytorch.train ...          # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node=8 -m dino_pytorch.train --fsdp ...   # FSDP2: student and teacher sharded
 
 Every official ``main_dino.py`` flag keeps its name and default; the iteration follows the official
 order (per-step lr / wd / momentum, teacher on the global views, per-parameter clip, last-layer
@@ -23,12 +24,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.distributed as dist
 
 from .. import distributed
+from ..activation_checkpointing import checkpoint_blocks
 from ..checkpoint import CheckpointError
 from ..diagnostics import CollapseMonitor, CollapseThresholds
 from ..dino import DINO
@@ -36,6 +38,7 @@ from ..optim import build_optimizer
 from ..precision import autocast, grad_scaler
 from ..pretrained import WeightsDoNotFit, load_pretrained
 from ..schedules import DINOSchedules
+from ..sharded_checkpoint import unsharded_state
 from ._setup import UsageError, backbone_from_flags, config_from_flags, output_dir, resolve_device, run_program
 from .demo_report import FashionMNISTDemo
 from .report_hook import ReportHook
@@ -105,6 +108,48 @@ def warn_cpu_batchnorm(dino: DINO, device: torch.device, is_main: bool) -> None:
               "(a ViT has no BatchNorm)", file=sys.stderr, flush=True)
 
 
+def distribute(dino: DINO, args: argparse.Namespace, device: torch.device, world_size: int, is_main: bool) -> None:
+    """``--activation_checkpointing`` on the student's blocks, then DDP, or with ``--fsdp`` FSDP2 (bf16
+    gathered weights and fp32 gradient reduction with ``--precision bf16`` on CUDA); one process: neither."""
+    if args.activation_checkpointing:
+        checkpoint_blocks(dino.backbone)
+    if world_size == 1:
+        return
+    if args.fsdp:
+        bf16 = args.precision == "bf16" and device.type == "cuda"  # on the CPU bf16 stays autocast's alone
+        dino.distribute(strategy="fsdp", param_dtype=torch.bfloat16 if bf16 else None)
+    else:
+        dino.distribute(device_ids=[device.index] if device.type == "cuda" else None)
+    warn_cpu_batchnorm(dino, device, is_main)
+
+
+class WholeTeacher:
+    """What the evaluations read of a run whose teacher FSDP shards: the step, and on rank 0 a plain copy
+    of the teacher backbone, refreshed by :meth:`gather` (a collective: every rank calls it), so that
+    rank 0 alone can run it."""
+
+    def __init__(self, dino: DINO, config: dict[str, Any], device: torch.device, is_main: bool) -> None:
+        self.dino, self.config, self.device, self.is_main = dino, config, device, is_main
+        self.teacher_backbone: Any = None
+
+    @property
+    def step(self) -> int:
+        return self.dino.step
+
+    def gather(self) -> None:
+        state = unsharded_state(self.dino.teacher_backbone)  # the whole weights on every rank, for a moment
+        if self.is_main:
+            backbone = backbone_from_flags(self.config)
+            backbone.load_state_dict(state)
+            self.teacher_backbone = backbone.to(self.device).eval().requires_grad_(False)
+
+
+def gather(view: Union[DINO, WholeTeacher], needed: bool) -> None:
+    """Before an evaluation: a sharded teacher's whole copy (all ranks call it); nothing for any other."""
+    if needed and isinstance(view, WholeTeacher):
+        view.gather()
+
+
 def loss_parts(dino: DINO) -> dict[str, float]:
     """The last micro-batch's loss parts (``dino_loss``, and ``ibot_loss`` / ``koleo_loss`` when on), unweighted,
     in one host read: call it at log points, where the loop syncs anyway."""
@@ -118,12 +163,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_program("dino-train", _main, argv)
 
 
-def finish_run(args: argparse.Namespace, dino: DINO, control: RunControl, total_steps: int, out: Path,
+def finish_run(args: argparse.Namespace, dino: Any, control: RunControl, total_steps: int, out: Path,
                config: dict[str, Any], data_path: Any, run_log: RunLog, evals: Any, hook: ReportHook,
                is_main: bool) -> None:
     """The end of a run that did not fail: the stop line, then (unless stopped by a signal) the final
-    k-NN, the attention maps and the pictures on the main rank."""
+    k-NN, the attention maps and the pictures on the main rank. ``dino``: the run's, or its
+    :class:`WholeTeacher` (gathered here, on every rank)."""
     elapsed = time.time() - control.start
+    gather(dino, not control.exit_code)
     if is_main:
         print(f"stopped at step {dino.step}/{total_steps}: {control.stop_reason or 'finished'} ({elapsed:.0f}s)"
               + (f"; checkpoint saved, exit status {control.exit_code}" if control.exit_code else ""), flush=True)
@@ -195,12 +242,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 backbone_lr_scale=args.backbone_lr_scale).to(device)
     config["head"] = dict(in_dim=dino.student.head.in_dim, nlayers=3, **head)
     if args.pretrained_weights:  # a resume restores everything from its own checkpoint instead
-        start_from_weights(dino, args.pretrained_weights, out / "checkpoint.pth", is_main)
+        start_from_weights(dino, args.pretrained_weights, out / ("checkpoint" if args.fsdp else "checkpoint.pth"),
+                           is_main)
     if args.channels_last:
         dino.to(memory_format=torch.channels_last)  # 4-D weights of student and teacher
-    if world_size > 1:
-        dino.distribute(device_ids=[device.index] if device.type == "cuda" else None)
-        warn_cpu_batchnorm(dino, device, is_main)
+    distribute(dino, args, device, world_size, is_main)
     if args.compile:
         dino.compile_forwards()
     optimizer = build_optimizer(args.optimizer, dino.param_groups())
@@ -214,16 +260,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     run_log = RunLog(out, is_main, args.tensorboard, monitor)
     hook = FashionMNISTDemo(config, run_log) if args.dataset == "fashion_mnist" else ReportHook()
     own = args.dataset != "fashion_mnist"
-    evals = (OwnDataKnn(args, dino, source, device, run_log, hook, is_main) if own
-             else KnnEvals(args, dino, None, device, run_log, hook, is_main))
+    view = WholeTeacher(dino, config, device, is_main) if args.fsdp and world_size > 1 else dino  # what evals read
+    evals = (OwnDataKnn(args, cast(DINO, view), source, device, run_log, hook, is_main) if own
+             else KnnEvals(args, cast(DINO, view), None, device, run_log, hook, is_main))
     if dino.step == 0:
+        gather(view, bool(args.knn_every) or not args.no_final_knn)
         evals.at_random_init()
     if not args.no_progress:
         run_log.start_progress(total_steps, dino.step)
 
     # ---- training loop ---------------------------------------------------------------------------
     control = RunControl(args, world_size, device)  # SIGTERM / SIGINT, wall-clock saves, time budget
-    loop = TrainLoop(args, dino, optimizer, scaler, data, rank, device, steps_per_epoch, total_steps)
+    loop = TrainLoop(args, dino, optimizer, scaler, data, rank, device, steps_per_epoch, total_steps, view)
     failure = loop.run(run_log, control, checkpointer, evals)
     data.replaced.finish()  # the count of undecodable files replaced, and the first few names
     if failure is not None:
@@ -232,7 +280,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     control.close()
 
     # ---- final evaluation and pictures -----------------------------------------------------------
-    finish_run(args, dino, control, total_steps, out, config, source.path, run_log, evals, hook, is_main)
+    finish_run(args, view, control, total_steps, out, config, source.path, run_log, evals, hook, is_main)
     if distributed.is_distributed():
         dist.barrier()
         dist.destroy_process_group()
@@ -253,6 +301,7 @@ class TrainLoop:
     device: torch.device
     steps_per_epoch: int
     total_steps: int
+    view: Any = None  # what the evaluations read: ``dino``, or its WholeTeacher under --fsdp
 
     def run(self, run_log: RunLog, control: RunControl, checkpointer: Checkpointer, evals: KnnEvals) -> Optional[str]:
         """Train from ``dino.step`` to ``total_steps``, or until ``control`` stops the run (saved);
@@ -283,6 +332,7 @@ class TrainLoop:
                 self.data.replaced.log_point()  # a line when undecodable files were replaced since the last one
             run_log.advance()
             if step < self.total_steps:
+                gather(self.view, bool(args.knn_every) and step % args.knn_every == 0)
                 evals.periodic(step)
 
             end_of_epoch = step % self.steps_per_epoch == 0

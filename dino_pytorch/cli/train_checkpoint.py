@@ -1,6 +1,8 @@
 """dino-train's checkpoint: ``output_dir/checkpoint.pth``, written by :class:`Checkpointer` and read
 back by :func:`resume_or_start`, which refuses in one line a file that would not continue the run
-(unreadable, non-finite, or saved under other schedules)."""
+(unreadable, non-finite, or saved under other schedules). With ``--fsdp`` it is the folder
+``output_dir/checkpoint`` (:class:`ShardedCheckpointer`, torch.distributed.checkpoint), which every
+rank writes and any number of ranks resumes, the global batch kept."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +12,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..dino import DINO
+from ..sharded_checkpoint import (
+    load_sharded_checkpoint,
+    read_meta,
+    remove_stale,
+    resolve_checkpoint_dir,
+    save_sharded_checkpoint,
+)
 from ._setup import UsageError
 from .train_flags import check_resume_fits
 
@@ -20,7 +31,8 @@ from .train_flags import check_resume_fits
 # freeze) and the data position of a step: a resume must not change them silently.
 SCHEDULE_FLAGS = ("max_steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "min_lr", "weight_decay",
                   "weight_decay_end", "momentum_teacher", "teacher_temp", "warmup_teacher_temp",
-                  "warmup_teacher_temp_epochs", "freeze_last_layer", "batch_size_per_gpu", "grad_accum_steps")
+                  "warmup_teacher_temp_epochs", "freeze_last_layer", "batch_size_per_gpu", "grad_accum_steps",
+                  "head_warmup_steps", "backbone_lr_scale")
 STALE_TEMP_GLOB = ".checkpoint*.pth.tmp-*"  # save_checkpoint's temporary files, left by a kill mid-save
 
 
@@ -90,7 +102,8 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and "fp16_scaler" in ckpt:
         scaler.load_state_dict(ckpt["fp16_scaler"])
-    torch.set_rng_state(ckpt["rng_cpu"])
+    if "rng_cpu" in ckpt:  # dino-export's file has none: every draw of a step is seeded by its position anyway
+        torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
 
@@ -135,12 +148,16 @@ class Checkpointer:
             err = failure if isinstance(failure, OSError) else failure.__context__
             if not isinstance(err, OSError):
                 raise
-            kept = (f"The checkpoint of step {self.saved_step} at {self.path} is intact" if self.saved_step is not None
-                    else "No checkpoint was written yet")
-            return f"cannot write {path} at step {self.dino.step}: {err.strerror or err}; stopping. {kept}"
+            return self.failed(path, err.strerror or str(err))
         if path == self.path:
             self.saved_step = self.dino.step
         return None
+
+    def failed(self, path: Path, why: str) -> str:
+        """The one line a failed save stops the run with, saying what is kept."""
+        kept = (f"The checkpoint of step {self.saved_step} at {self.path} is intact" if self.saved_step is not None
+                else "No checkpoint was written yet")
+        return f"cannot write {path} at step {self.dino.step}: {why}; stopping. {kept}"
 
     def diverged(self, report: str) -> str:
         """The one line a run stopped by a non-finite step ends with: what, where, and what is kept."""
@@ -149,15 +166,85 @@ class Checkpointer:
         return f"{report}; stopping without saving after it: {kept}"
 
 
+class ShardedCheckpointer(Checkpointer):
+    """``--fsdp``: every rank writes its shards into the folder ``output_dir/checkpoint`` (atomically,
+    :func:`~dino_pytorch.sharded_checkpoint.save_sharded_checkpoint`), with the run's configuration
+    in its ``dino.json``. No RNG state: every draw of a step is seeded by its position."""
+
+    def save(self, epoch: int, path: Optional[Path] = None) -> Optional[str]:
+        path = self.path if path is None else path.with_suffix("")  # --saveckp_freq: checkpoint0003/
+        try:
+            save_sharded_checkpoint(path, self.dino, self.optimizer, epoch=epoch, args=vars(self.args),
+                                    model_config=self.config, total_steps=self.total_steps)
+        except (OSError, CheckpointException) as err:  # DCP raises a failed write on every rank
+            return self.failed(path, (err.strerror if isinstance(err, OSError) else None) or str(err).split("\n")[0])
+        if path == self.path:
+            self.saved_step = self.dino.step
+        return None
+
+
+def resume_sharded(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                   total_steps: int, world_size: int) -> None:
+    """Restore the run saved in the folder ``path`` on any number of ranks (DCP reshards). Its schedules
+    must be this run's, the global batch (``--batch_size_per_gpu`` x ranks x ``--grad_accum_steps``)
+    included, rather than the per-rank one, unless ``--allow_schedule_change``."""
+    try:
+        meta = read_meta(path)
+    except CheckpointError as err:
+        raise UsageError(f"cannot resume: {err}. Move the folder away to start afresh.") from None
+    saved = dict(meta.get("args") or {})
+    per_rank = ("batch_size_per_gpu", "grad_accum_steps")
+    change = None
+    if all(name in saved for name in per_rank):
+        then = saved.pop("batch_size_per_gpu") * int(meta.get("world_size", 1)) * saved.pop("grad_accum_steps")
+        now = args.batch_size_per_gpu * world_size * args.grad_accum_steps
+        if then != now:
+            change = (f"the global batch (--batch_size_per_gpu x {world_size} ranks x --grad_accum_steps) is {now} "
+                      f"here but {then} in the checkpoint's run on {meta.get('world_size', 1)} rank(s)")
+    change = change or schedule_change(saved, args, meta.get("total_steps"), total_steps)
+    if change is not None and not args.allow_schedule_change:
+        raise UsageError(f"cannot resume from {path}: {change}, which would change its schedules mid-run; "
+                         "pass --allow_schedule_change to resume with the new ones")
+    try:
+        load_sharded_checkpoint(path, dino, optimizer)
+    except CheckpointError as err:
+        raise UsageError(f"cannot resume from {path}: {err}") from None
+
+
+def _check_one_kind(out: Path, sharded: bool) -> None:
+    """A run resumes from the kind of checkpoint it writes: refuse the other kind in one line."""
+    if sharded and (out / "checkpoint.pth").exists() and not (out / "checkpoint").exists():
+        raise UsageError(f"--fsdp: {out} holds checkpoint.pth of a run without --fsdp; resume it without --fsdp, "
+                         "or pass another --output_dir")
+    if not sharded and (out / "checkpoint").is_dir() and not (out / "checkpoint.pth").exists():
+        raise UsageError(f"{out} holds the checkpoint folder of a --fsdp run: pass --fsdp (on any number of "
+                         f"ranks), or write checkpoint.pth from it with dino-export {out / 'checkpoint'} "
+                         f"{out / 'checkpoint.pth'}")
+
+
 def resume_or_start(out: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device,
                     args: argparse.Namespace, config: dict[str, Any], is_main: bool, total_steps: int) -> Checkpointer:
-    """Resume from ``out/checkpoint.pth`` when it exists (:func:`resume`), after deleting the
-    temporary files of interrupted saves; returns the run's :class:`Checkpointer`."""
-    path = out / "checkpoint.pth"
-    if is_main and (stale := remove_stale_temp_files(out)):
-        print(f"removed {len(stale)} temporary file(s) of interrupted saves: {', '.join(stale)}", flush=True)
-    if path.exists():
+    """Resume from ``out/checkpoint.pth`` (``--fsdp``: the folder ``out/checkpoint``) when it exists
+    (:func:`resume`, :func:`resume_sharded`), after deleting the temporary files of interrupted saves;
+    returns the run's :class:`Checkpointer`."""
+    sharded = bool(getattr(args, "fsdp", False))
+    path = out / ("checkpoint" if sharded else "checkpoint.pth")
+    if is_main:
+        if sharded and not path.exists():
+            with contextlib.suppress(CheckpointError):  # a save killed between its two renames: the old folder back
+                resolve_checkpoint_dir(path)
+        stale = remove_stale_temp_files(out) + (remove_stale(path) if sharded else [])
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) of interrupted saves: {', '.join(stale)}", flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank looks for the checkpoint while rank 0 tidies
+    _check_one_kind(out, sharded)
+    if path.exists() and sharded:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        resume_sharded(path, dino, optimizer, args, total_steps, world_size)
+    elif path.exists():
         resume(path, dino, optimizer, scaler, device, args, total_steps)
-        if is_main:
-            print(f"resumed from {path} at step {dino.step}", flush=True)
-    return Checkpointer(path, dino, optimizer, scaler, args, config, device, is_main, total_steps)
+    if path.exists() and is_main:
+        print(f"resumed from {path} at step {dino.step}", flush=True)
+    kind = ShardedCheckpointer if sharded else Checkpointer
+    return kind(path, dino, optimizer, scaler, args, config, device, is_main, total_steps)

@@ -109,8 +109,43 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="resume even if the flags that define the schedules differ from the checkpoint's")
     add_dinov2_args(p)
     add_weights_args(p)
+    add_scale_args(p)
     add_debug_flag(p)
     return p
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    """Models beyond one GPU's memory (docs/training.md): FSDP2 sharding, activation checkpointing."""
+    g = p.add_argument_group("big models (docs/training.md)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the student, the teacher, the gradients and the optimizer state over the ranks "
+                        "(FSDP2, one unit per transformer block) instead of replicating them (DDP); on CUDA with "
+                        "--precision bf16 (the default with --fsdp there): bf16 parameters, fp32 gradient "
+                        "reduction. Checkpoints are the folder output_dir/checkpoint, resumable on any number of "
+                        "ranks (the global batch kept); dino-export writes the official single file")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="keep each block's input only and recompute its inside in the backward: about one more "
+                        "forward of compute for a fraction of the activation memory (with or without --fsdp)")
+
+
+def check_fsdp_flags(args: argparse.Namespace) -> None:
+    """Before ``--precision`` is settled: what ``--fsdp`` cannot run (the fused head loss; fp16, whose
+    gradient scaler FSDP does not shard)."""
+    if args.fsdp and args.fused_head_loss:
+        raise UsageError("--fused_head_loss true with --fsdp: the fused loss reads the head's last layer outside "
+                         "its forward, where FSDP holds only shards; expected --fused_head_loss false")
+    if args.fsdp and args.precision == "fp16":
+        raise UsageError("--precision fp16 with --fsdp: expected bf16 (bf16 parameters, fp32 gradient "
+                         "reduction) or fp32; fp16 needs a gradient scaler over sharded gradients")
+
+
+def fsdp_precision(args: argparse.Namespace, announce: bool) -> None:
+    """After ``--precision`` is settled: ``--fsdp`` runs bf16 where the official default is fp16 (CUDA)."""
+    if args.fsdp and args.precision == "fp16":
+        args.precision = "bf16"
+        if announce:
+            print("--fsdp: precision bf16 (bf16 parameters, fp32 gradient reduction) instead of the official "
+                  "fp16 of --use_fp16", flush=True)
 
 
 def add_head_args(p: argparse.ArgumentParser) -> None:
@@ -205,7 +240,9 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: b
     args.global_crop_size = args.global_crop_size or (28 if small else 224)
     args.local_crop_size = args.local_crop_size or (16 if small else 96)
     args.augment = args.augment or ("batched" if small else "per_image")
+    check_fsdp_flags(args)
     settle_precision(args, device, "dino-train", announce)
+    fsdp_precision(args, announce)
     for name in ("global_crops_scale", "local_crops_scale"):
         value = tuple(getattr(args, name))
         if len(value) != 2 or value[0] > value[1]:
