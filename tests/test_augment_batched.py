@@ -108,10 +108,13 @@ def test_channel_rule_and_dtypes(in_channels, out_channels, dtype):
 
 
 def test_grey_input_replicated_to_three_equal_channels():
-    # Jitter on a replicated grey image keeps it grey, so every op may stay on.
+    # Jitter on a replicated grey image keeps it grey, so every op may stay on. Equal to rounding, not
+    # bitwise: vectorised kernels may round a channel's pixels in another lane (AVX2 vs AVX-512).
     m = BatchedMultiCrop(**SMALL, local_crops_number=2, mean=(0.5,) * 3, std=(0.5,) * 3)
     for v in m(images(channels=1), generator=seeded(1)):
-        assert torch.equal(v[:, 0], v[:, 1]) and torch.equal(v[:, 1], v[:, 2])
+        assert v.std() > 0.1  # an image, not a constant
+        torch.testing.assert_close(v[:, 1], v[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v[:, 2], v[:, 0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
