@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,9 @@ def distribute(dino: DINO, args: argparse.Namespace, device: torch.device, world
         return
     if args.fsdp:
         bf16 = args.precision == "bf16" and device.type == "cuda"  # on the CPU bf16 stays autocast's alone
+        # FSDP2 warns that the nested heads' output is a view; DINO's loss never writes into it in place
+        # (tests/test_fsdp.py checks the gradients against one process), so the warning is only noise.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         dino.distribute(strategy="fsdp", param_dtype=torch.bfloat16 if bf16 else None)
     else:
         dino.distribute(device_ids=[device.index] if device.type == "cuda" else None)
