@@ -35,7 +35,52 @@ step "2d. ViT-S/16 training step, bf16, B=64, 2x224 + 8x96, K=65536: official-st
 timeout 150 python benchmarks/step_bench.py --device cuda --arch vit_small --global_size 224 --local_size 96 \
     --batch 64 --precision bf16 2>&1 | tee "$OUT/step.md" || status=1
 
+step "3. FSDP2's CUDA precision policy (dino-train --fsdp --precision bf16): bf16 gathered weights, fp32 shards, grads, reduction"
+# One rank (nccl) is enough to see the policy; tests/test_fsdp.py checks the sharding itself on CPU ranks.
+MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 timeout 120 python - <<'PY' 2>&1 | tee "$OUT/fsdp_precision.txt" || status=1
+import os, warnings
+import torch, torch.distributed as dist
+from dino_pytorch import DINO
+from dino_pytorch.models import vit_small
+device = torch.device(os.environ.get("FSDP_CHECK_DEVICE", "cuda"))
+dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+def build():
+    torch.manual_seed(0)
+    return DINO(vit_small(patch_size=16), out_dim=4096, input_size=(3, 64, 64)).to(device)
+g = torch.Generator().manual_seed(1)
+views = [torch.randn(8, 3, 64, 64, generator=g).to(device) for _ in range(2)]
+reference = build()
+ref_loss = reference(views).item()
+dino = build()
+dino.distribute(strategy="fsdp", param_dtype=torch.bfloat16)  # what dino-train --fsdp passes on CUDA
+seen = []
+block = dino.student.backbone.blocks[0]
+block.register_forward_pre_hook(lambda m, a: seen.append(m.attn.qkv.weight.dtype))
+loss = dino(views)
+loss.backward()
+policy = dino.student._get_fsdp_state()._mp_policy  # private, but the one place the policy is kept
+shards = {p.to_local().dtype for p in dino.student.parameters()}
+grads = {p.grad.to_local().dtype for p in dino.student.parameters() if p.grad is not None}
+teacher = {p.to_local().dtype for p in dino.teacher.parameters()}
+dino.update_teacher()
+checks = {
+    "policy param_dtype bf16": policy.param_dtype == torch.bfloat16,
+    "policy reduce_dtype fp32": policy.reduce_dtype == torch.float32,
+    "weights gathered for the forward in bf16": seen == [torch.bfloat16],
+    "sharded weights fp32": shards == {torch.float32},
+    "gradients (reduced) fp32": grads == {torch.float32},
+    "teacher shards fp32 (the EMA)": teacher == {torch.float32},
+    f"loss {loss.item():.4f} vs fp32 {ref_loss:.4f} within 2%": abs(loss.item() - ref_loss) <= 0.02 * abs(ref_loss),
+}
+for name, ok in checks.items():
+    print(("ok    " if ok else "FAIL  ") + name)
+dist.destroy_process_group()
+raise SystemExit(0 if all(checks.values()) else 1)
+PY
+
 step "summary"
 tail -2 "$OUT/correctness.txt"
 for f in loss_fp32 loss_bf16 ema augment step; do echo "-- $f"; grep '^|' "$OUT/$f.md" | tail -n +3; done
+echo "-- fsdp_precision"; grep -E '^(ok|FAIL)' "$OUT/fsdp_precision.txt"
 exit $status
