@@ -175,7 +175,7 @@ def save_sharded_checkpoint(path: PathLike, dino: Any, optimizer: Optional[torch
         dist.broadcast_object_list(name, src=0)  # one temporary folder for all ranks
     tmp = target.parent / name[0]
     try:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
         if not _distributed() or dist.get_rank() == 0:
             _write_meta(tmp, meta)
             _publish(tmp, target)
@@ -227,7 +227,7 @@ def load_sharded_checkpoint(path: PathLike, dino: Any,
             fqn: values for fqn, values in state["optimizer"]["state"].items()
             if all(f"optimizer.state.{fqn}.{k}" in saved for k in values)}
     try:
-        dcp.load(state, storage_reader=SafeReader(folder))
+        dcp.load(state, storage_reader=SafeReader(folder), no_dist=not _distributed())
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, KeyError) as err:
