@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from .checkpoint import _fsync_directory, _plain
@@ -200,6 +201,13 @@ def read_meta(path: PathLike) -> dict[str, Any]:
     return meta
 
 
+def _reason(err: BaseException) -> str:
+    """One line of what went wrong: DCP wraps each rank's failure in a CheckpointException."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    return " ".join(str(err).split())[:600]
+
+
 def _saved_keys(folder: Path) -> set[str]:
     return set(SafeReader(folder).read_metadata().state_dict_metadata)
 
@@ -230,8 +238,8 @@ def load_sharded_checkpoint(path: PathLike, dino: Any,
         dcp.load(state, storage_reader=SafeReader(folder), no_dist=not _distributed())
     except CheckpointError:
         raise
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{folder} does not fit this DINO: {' '.join(str(err).split())[:600]}") from None
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as err:
+        raise CheckpointError(f"{folder} is unreadable or does not fit this DINO: {_reason(err)}") from None
     set_model_state_dict(dino.student, state["student"])
     set_model_state_dict(dino.teacher.module, state["teacher"])
     dino.criterion.load_state_dict(state["dino_loss"])
@@ -257,7 +265,11 @@ def read_full_state(path: PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     tensors: dict[str, Any] = {}
     # What torch's dcp_to_torch_save does (an empty dict filled from the index), in memory and
     # through the allowlisted reader; dcp.load would fill a copy of the dict, not this one.
-    _load_state_dict(tensors, storage_reader=SafeReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    try:
+        _load_state_dict(tensors, storage_reader=SafeReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as err:
+        raise CheckpointError(f"{folder} is unreadable: {_reason(err)}") from None
     return tensors, meta
 
 

@@ -15,6 +15,8 @@ agree to 1e-5 while the weights move by more than 100x that.
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +33,8 @@ from dino_pytorch.cli import train as train_program
 from dino_pytorch.export import export_official
 from dino_pytorch.fsdp import local_bytes
 from dino_pytorch.models import vit_tiny
-from dino_pytorch.sharded_checkpoint import load_sharded_checkpoint, read_meta, save_sharded_checkpoint
+from dino_pytorch.safe_load import CheckpointError
+from dino_pytorch.sharded_checkpoint import FORMAT, load_sharded_checkpoint, read_meta, save_sharded_checkpoint
 from reference_vit import reference_vit
 from test_distributed_equality import free_port
 from train_cases import TINY_VIT_SGD, run
@@ -380,3 +383,17 @@ def test_dino_train_fsdp_equals_one_process_and_resumes_on_one(program_runs, cap
     err = program_error(capsys, train_program.main, [*PROGRAM, "--batch_size_per_gpu", str(B), "--output_dir",
                                              str(out / "two")])  # without --fsdp: dino-export named
     assert "pass --fsdp" in err and "dino-export" in err
+
+
+def test_a_folder_whose_index_names_other_globals_is_refused_unread(tmp_path):
+    class Payload:  # unpickling it would call os.system
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "dino.json").write_text(json.dumps({"format": FORMAT, "step": 1, "world_size": 1}))
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="refers to the Python global (posix|os).system"):
+        export_official(folder, tmp_path / "out.pth")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out.pth").exists()
