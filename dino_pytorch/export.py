@@ -55,7 +55,13 @@ def official_from_sharded(path: PathLike) -> dict[str, Any]:
 
 def export_official(checkpoint_dir: PathLike, out_path: PathLike) -> Path:
     """Write the official single-file checkpoint of the sharded folder ``checkpoint_dir`` to ``out_path``
-    (atomically: temp file, fsync, rename). One process, no process group; returns ``out_path``."""
+    (atomically: temp file, fsync, rename). One process, no process group; returns ``out_path``.
+
+    Args:
+        checkpoint_dir: a folder of :func:`~dino_pytorch.sharded_checkpoint.save_sharded_checkpoint`
+            (``dino-train --fsdp``: ``output_dir/checkpoint``), written by any number of ranks.
+        out_path: the ``.pth`` file to write; an existing one is replaced.
+    """
     out = Path(check_path("out_path", out_path))
     save_checkpoint(out, official_from_sharded(checkpoint_dir))
     return out

@@ -45,9 +45,12 @@ UnitPredicate = Callable[[str, nn.Module], bool]
 def shard_units(backbone: nn.Module, units: Optional[UnitPredicate] = None) -> list[str]:
     """Names (relative to ``backbone``) of the modules sharded one by one, outermost first.
 
-    Default: the children of every ``blocks`` container (``blocks.0``, ``model.blocks.3``, ...);
-    a backbone without one gets each direct child holding parameters. With ``units``, the
-    outermost modules for which ``units(name, module)`` is true.
+    Args:
+        backbone: the student's feature extractor (``dino.backbone``).
+        units: ``units(name, module) -> bool`` picks the units; the outermost modules for which it
+            is true are kept. None: the children of every ``blocks`` container (``blocks.0``,
+            ``model.blocks.3``, ...), or, for a backbone without one, each direct child holding
+            parameters.
     """
     named = dict(backbone.named_modules())
     if units is None:
@@ -167,8 +170,14 @@ def global_norms(tensors: list[Tensor]) -> list[Tensor]:
     """The 2-norm of each whole tensor, DTensor shards included: ``sqrt(sum over ranks of local ||.||^2)``.
 
     One foreach norm of the local shards, then one all-reduce of all the squared norms per distinct
-    process group (one for FSDP), not one per tensor. Plain tensors get their own norm. Returns
-    float32 0-dim tensors, one per tensor, on the tensors' device.
+    process group (one for FSDP), not one per tensor. Plain tensors get their own norm.
+
+    Args:
+        tensors: gradients (or any tensors), FSDP's Shard DTensors or plain tensors; every rank
+            passes the same list (the all-reduce is a collective).
+
+    Returns:
+        One float32 0-dim tensor per tensor, its whole norm, on the tensors' device.
     """
     if not tensors:
         return []
@@ -190,7 +199,15 @@ def global_norms(tensors: list[Tensor]) -> list[Tensor]:
 
 def local_bytes(dino: Any, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, int]:
     """Bytes this rank holds of the parameters (student and teacher), of the student's gradients and
-    of the optimizer's state, counted from local shards (a DTensor's ``to_local()``)."""
+    of the optimizer's state, counted from local shards (a DTensor's ``to_local()``).
+
+    Args:
+        dino: a :class:`~dino_pytorch.DINO`, sharded or not.
+        optimizer: its optimizer (the state counted: AdamW's two moments, SGD's momentum), or None.
+
+    Returns:
+        ``{"parameters", "gradients", "optimizer", "total"}`` in bytes.
+    """
     def size(t: Tensor) -> int:
         local = local_tensor(t)
         return local.numel() * local.element_size()

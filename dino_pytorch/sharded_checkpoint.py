@@ -217,6 +217,13 @@ def load_sharded_checkpoint(path: PathLike, dino: Any,
     """Every rank calls it: restore ``dino`` (student, teacher, centres, step) and ``optimizer`` from the
     folder ``path``, whatever world size saved it; returns its ``dino.json`` entries.
 
+    Args:
+        path: a folder written by :func:`save_sharded_checkpoint`, on any number of ranks.
+        dino: a :class:`~dino_pytorch.DINO` of the same architecture, sharded like this run's (FSDP,
+            any world size), replicated (DDP) or in one process; restored in place.
+        optimizer: the optimizer over ``dino``'s student parameters (built after
+            ``distribute``), or None to restore the model only.
+
     Raises:
         CheckpointError: not a complete sharded checkpoint, or it does not fit ``dino`` / ``optimizer``
             (another architecture, iBOT on one side only, no optimizer state saved).
@@ -254,9 +261,16 @@ def load_sharded_checkpoint(path: PathLike, dino: Any,
 
 
 def read_full_state(path: PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(tensors, meta)`` of a checkpoint folder, read whole in this process (no process group needed):
-    ``tensors`` is the nested dict that was saved (``student``, ``teacher``, ``dino_loss``, ...) with
-    every tensor whole (DTensor shards assembled), on the CPU."""
+    """``(tensors, meta)`` of a checkpoint folder, read whole in this process (no process group needed).
+
+    Args:
+        path: a folder written by :func:`save_sharded_checkpoint`, on any number of ranks.
+
+    Returns:
+        ``tensors``: the nested dict that was saved (``student``, ``teacher``, ``dino_loss``,
+        ``optimizer``...) with every tensor whole (the shards assembled), on the CPU; ``meta``:
+        its ``dino.json``.
+    """
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
