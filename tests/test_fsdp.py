@@ -1,7 +1,8 @@
 """FSDP2 on two gloo ranks: one shared set of short runs, every assertion of issue 21 on it.
 
-A tiny ViT (no drop path, no BatchNorm) trains 11 SGD steps (momentum 0.9, per-parameter clipping
-that bites, the last layer frozen for the first 2 steps) on the same global batches:
+A tiny ViT (no drop path, no BatchNorm) trains 11 SGD steps (momentum 0.9, weight decay in its
+group, per-parameter clipping that bites, the last layer frozen for the first 2 steps) on the same
+global batches:
 
 - one process of 2B images (in this process), which also saves a sharded checkpoint at step 6;
 - in two spawned ranks of B images (rank r holds images r, r + 2, ..., as the sampler deals them):
@@ -41,6 +42,9 @@ from train_cases import TINY_VIT_SGD, run
 
 B, WORLD, STEPS, SAVE_AT = 4, 2, 11, 6  # the resumed runs take STEPS - SAVE_AT = 5 more steps
 LR, CLIP, FREEZE = 0.1, 3.0, 2  # CLIP: the official default, which bites about 2 in 3 gradients here
+# Weight decay in the decayed group only (param_groups: biases and 1-D not): a parameter in the wrong
+# group under FSDP would move by ~LR * WD * |p| a step more or less, far above the tolerance.
+WD = 0.2
 TOLERANCE = 1e-5
 SPAWN_SECONDS = 60  # the two ranks' share of the slow suite's budget
 
@@ -93,7 +97,7 @@ def setup(strategy: str | None, rank: int, world: int, checkpointing: bool = Fal
         checkpoint_blocks(dino.backbone)
     if strategy is not None:
         dino.distribute(strategy=strategy)
-    optimizer = torch.optim.SGD(dino.param_groups(), lr=LR, momentum=0.9)
+    optimizer = torch.optim.SGD(dino.param_groups(), lr=LR, momentum=0.9, weight_decay=WD)
     return dino, optimizer
 
 
@@ -307,7 +311,7 @@ def test_export_of_the_two_rank_checkpoint_loads_into_the_official_vit(runs, tmp
         cls = ours.teacher_backbone.eval()(x)
     ref = reference_vit(teacher, x, patch_size=7, num_heads=3)  # the official ViT, float64, from the file
     assert (cls.double() - ref["cls"]).abs().max() <= 1e-5
-    optimizer = torch.optim.SGD(ours.param_groups(), lr=LR, momentum=0.9)
+    optimizer = torch.optim.SGD(ours.param_groups(), lr=LR, momentum=0.9, weight_decay=WD)
     optimizer.load_state_dict(checkpoint["optimizer"])  # torch's own layout: an unsharded run resumes from it
     assert len(optimizer.state) == sum(1 for p in ours.student.parameters() if p.requires_grad)
 
