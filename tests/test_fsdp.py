@@ -46,7 +46,7 @@ LR, CLIP, FREEZE = 0.1, 3.0, 2  # CLIP: the official default, which bites about 
 # group under FSDP would move by ~LR * WD * |p| a step more or less, far above the tolerance.
 WD = 0.2
 TOLERANCE = 1e-5
-SPAWN_SECONDS = 60  # the two ranks' share of the slow suite's budget
+SPAWN_SECONDS = 60  # the two ranks' share of the slow suite's budget (~18 s alone on the 2 cores here)
 
 
 def tiny_dino() -> DINO:
@@ -363,7 +363,8 @@ def program_runs(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_dino_train_fsdp_equals_one_process_and_resumes_on_one(program_runs, capsys):
     out = program_runs["out"]
-    assert program_runs["seconds"] < 60, f"the three dino-train runs took {program_runs['seconds']:.0f}s"
+    # ~34 s alone on the 2 cores here; the bound leaves room for the slow step's other xdist worker
+    assert program_runs["seconds"] < 100, f"the three dino-train runs took {program_runs['seconds']:.0f}s"
     one, two = torch.load(out / "one" / "checkpoint.pth", weights_only=True), torch.load(out / "two.pth",
                                                                                           weights_only=True)
     assert one["step"] == two["step"] == 8 and two["model_config"] == one["model_config"]
