@@ -37,7 +37,8 @@ class EvalTransform:
 
     Args:
         size: the crop side (the training's global crop size).
-        mean, std: per channel; their length is the output channel count (a photo becomes grey for 1).
+        mean: per channel; its length is the output channel count (a photo becomes grey for 1).
+        std: per channel, as ``mean``.
         train_augment: the linear probe's RandomResizedCrop(size) + flip instead of resize + centre crop.
     """
 
