@@ -332,7 +332,7 @@ class DINO(DINORecipe, nn.Module):
     def update_teacher(self, momentum: Optional[float] = None) -> float:
         """Once per optimizer step: EMA of the teacher and the centre update. Returns the momentum.
 
-        After a step whose loss was non-finite (any micro-batch, any rank for the centre) neither
+        After a step whose loss was non-finite (any micro-batch, any rank) neither
         moves: the flag is read on the device, so this adds no host sync.
         """
         if momentum is None and self.schedules is not None:
@@ -350,10 +350,17 @@ class DINO(DINORecipe, nn.Module):
         return [self.criterion] + ([self.ibot_loss] if self.ibot is not None else [])
 
     def _nonfinite_found(self) -> Tensor:
-        """0-dim bool on the device: any part of the loss non-finite since the last update."""
+        """0-dim bool on the device: any part of the loss non-finite since the last update, on any rank.
+
+        With a process group the flag is max-reduced (one element, no host sync): a rank whose own
+        loss was finite still got the bad rank's gradients, so every rank must skip the same step,
+        and report the same one (a rank stopping alone would leave the others waiting in a collective).
+        """
         found = self.criterion.nonfinite.found
         for loss in self._losses()[1:]:
             found = found | loss.nonfinite.found.to(found.device)
+        if distributed.is_distributed() and distributed.get_world_size() > 1:
+            found = distributed.all_reduce_max(found.to(torch.int32)).bool()
         return found
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler] = None) -> None:

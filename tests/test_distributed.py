@@ -53,3 +53,49 @@ def test_no_process_group_needed():
     loss_fn = DINOLoss(K, ncrops=4)
     student, teacher = rank_data(0)
     assert torch.isfinite(loss_fn(student, teacher))
+
+
+def nonfinite_worker(rank, world, init_file, out_dir):
+    from torch import nn
+
+    from dino_pytorch import DINO
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        dino = DINO(backbone, out_dim=K, hidden_dim=16, bottleneck_dim=8, input_size=(1, 12, 12)).distribute()
+        optimizer = torch.optim.AdamW(dino.param_groups(), lr=0.1)
+        states, reports = [], []
+        for step in range(2):
+            g = torch.Generator().manual_seed(10 * step + rank)
+            views = [torch.randn(4, 1, 12, 12, generator=g) for _ in range(2)] + [torch.randn(4, 1, 6, 6, generator=g)]
+            if step == 1 and rank == 1:
+                views[2][0, 0, 0, 0] = float("nan")  # only rank 1's student sees it
+            optimizer.zero_grad()
+            dino(views).backward()
+            dino.optimizer_step(optimizer)
+            dino.update_teacher()
+            states.append({k: v.clone() for k, v in dino.state_dict().items() if isinstance(v, torch.Tensor)})
+            reports.append(dino.nonfinite_report())
+        torch.save({"states": states, "reports": reports}, os.path.join(out_dir, f"nonfinite{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_is_skipped_and_reported_on_every_rank():
+    # Rank 0's loss is finite but its gradients are all-reduced with rank 1's NaN ones: both ranks
+    # must skip the step (no weight, teacher or centre moves) and name the same step, or the ranks
+    # part ways (and one stopping alone leaves the other waiting in a collective).
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(nonfinite_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"nonfinite{r}.pt")) for r in range(2)]
+    for r in range(2):
+        first, second = results[r]["states"]
+        assert results[r]["reports"][0] is None
+        assert "non-finite loss at step 1" in results[r]["reports"][1]
+        changed = [k for k in first if k != "teacher._extra_state" and not torch.equal(first[k], second[k])]
+        assert changed == [], f"rank {r} moved {changed}"
+        assert all(torch.isfinite(v).all() for v in second.values() if v.is_floating_point())
+    assert all(torch.equal(results[0]["states"][1][k], results[1]["states"][1][k]) for k in results[0]["states"][1])
