@@ -32,11 +32,16 @@ def worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def on_two_ranks(target, name):
+    """Run ``target(rank, 2, init_file, out_dir)`` on 2 gloo processes; what each saved as ``{name}{rank}.pt``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(target, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        return [torch.load(os.path.join(tmp, f"{name}{r}.pt")) for r in range(2)]
+
+
 @pytest.mark.slow
 def test_center_is_mean_over_union_of_ranks_with_unequal_batches():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    results = on_two_ranks(worker, "rank")
     teachers = [rank_data(r)[1] for r in range(2)]
     union = torch.cat(teachers)
     expected = 0.1 * union.double().mean(dim=0, keepdim=True)  # 0.9 * 0 + 0.1 * mean
@@ -88,9 +93,7 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_and_reported_on_every_rank():
     # Rank 0's loss is finite but its gradients are all-reduced with rank 1's NaN ones: both ranks
     # must skip the step (no weight, teacher or centre moves) and name the same step, or the ranks
     # part ways (and one stopping alone leaves the other waiting in a collective).
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(nonfinite_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"nonfinite{r}.pt")) for r in range(2)]
+    results = on_two_ranks(nonfinite_worker, "nonfinite")
     for r in range(2):
         first, second = results[r]["states"]
         assert results[r]["reports"][0] is None

@@ -166,16 +166,21 @@ def write_idx(path, array):
         f.write(header + array.tobytes())
 
 
+def fashion_mnist_folder(root, train, test, classes, seed):
+    """A Fashion-MNIST idx folder of random images, ``train`` and ``test`` of them, the labels cycling
+    through ``classes``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir()
+    for split, n in (("train", train), ("t10k", test)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.asarray(classes)[np.arange(n) % len(classes)])
+    return root
+
+
 @pytest.fixture
 def tiny_fashion_mnist(tmp_path):
     """A Fashion-MNIST folder of 30 train and 20 test images: every class present in both."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fm"
-    root.mkdir()
-    for split, n in (("train", 30), ("t10k", 20)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return root
+    return fashion_mnist_folder(tmp_path / "fm", 30, 20, range(10), seed=0)
 
 
 CONFIG = {"arch": "convnet", "data": {"dataset": "fashion_mnist", "in_chans": 1, "image_size": 28}}
@@ -201,12 +206,7 @@ def test_retrieval_png_only_with_the_demo_hook(tmp_path, tiny_fashion_mnist):
 def test_retrieval_png_of_a_folder_holding_some_classes(tmp_path):
     # FASHION_MNIST_DIR may hold a subset of the classes (issue 20's halves hold 5-9): the queries
     # are the first test image of each class present, not of classes 0-7.
-    rng = np.random.default_rng(1)
-    root = tmp_path / "half"
-    root.mkdir()
-    for split, n in (("train", 20), ("t10k", 10)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", 5 + np.arange(n) % 5)
+    root = fashion_mnist_folder(tmp_path / "half", 20, 10, range(5, 10), seed=1)
     out = tmp_path / "run"
     demo = FashionMNISTDemo(CONFIG, RunLog(out, is_main=True), data_path=str(root))
     write_pictures(out, ConvNet(width=2, stages=1), CONFIG, 0, hook=demo)
