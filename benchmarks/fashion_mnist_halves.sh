@@ -27,6 +27,10 @@ COMMON=(--dataset fashion_mnist --arch vit_tiny --patch_size 4 --vit_depth 4 --v
 PRETRAIN_STEPS="${PRETRAIN_STEPS:-2000}"
 CONTINUE_STEPS="${CONTINUE_STEPS:-800}"
 WARMUP_STEPS="${WARMUP_STEPS:-250}"
+# The continuations' lr (per 256 images, as --lr); CONTINUE_LR=0.004 (the pretraining's) is the
+# harsher test of the warm-up. SUFFIX names that second set of runs (e.g. SUFFIX=_lr0.004).
+CONTINUE_LR="${CONTINUE_LR:-0.001}"
+SUFFIX="${SUFFIX:-}"
 
 if [[ "$STAGE" == all || "$STAGE" == pretrain ]]; then
     $PY benchmarks/fashion_mnist_halves.py "$OUT/data"
@@ -44,17 +48,17 @@ PYEOF
 fi
 
 if [[ "$STAGE" == all || "$STAGE" == continue ]]; then
-    CONT=("${COMMON[@]}" --lr 0.001 --warmup_steps 100 --max_steps "$CONTINUE_STEPS" --time_budget_min 20)
+    CONT=("${COMMON[@]}" --lr "$CONTINUE_LR" --warmup_steps 100 --max_steps "$CONTINUE_STEPS" --time_budget_min 20)
     FASHION_MNIST_DIR="$B" $PY -m dino_pytorch.train "${CONT[@]}" --pretrained_weights "$OUT/start/backbone.pth" \
-        --head_warmup_steps "$WARMUP_STEPS" --output_dir "$OUT/a_warmup"
+        --head_warmup_steps "$WARMUP_STEPS" --output_dir "$OUT/a_warmup$SUFFIX"
     FASHION_MNIST_DIR="$B" $PY -m dino_pytorch.train "${CONT[@]}" --pretrained_weights "$OUT/start/backbone.pth" \
-        --output_dir "$OUT/b_fresh_heads"
+        --output_dir "$OUT/b_fresh_heads$SUFFIX"
     FASHION_MNIST_DIR="$B" $PY -m dino_pytorch.train "${CONT[@]}" --pretrained_weights "$OUT/start/checkpoint.pth" \
-        --output_dir "$OUT/c_own_heads"
+        --output_dir "$OUT/c_own_heads$SUFFIX"
 fi
 
 if [[ "$STAGE" == all || "$STAGE" == knn ]]; then
-    for run in start a_warmup b_fresh_heads c_own_heads; do
+    for run in start a_warmup$SUFFIX b_fresh_heads$SUFFIX c_own_heads$SUFFIX; do
         for half in classes_0-4 classes_5-9; do
             [[ -f "$OUT/$run/checkpoint.pth" ]] || continue
             echo "== $run on $half"
