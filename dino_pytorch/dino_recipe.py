@@ -20,6 +20,15 @@ from .schedules import DINOSchedules
 from .validate import check_choice
 
 
+def convert_sync_batchnorm_(dino: Any) -> None:
+    """The BatchNorm layers of ``dino``'s student and teacher become SyncBatchNorm, as official, when the
+    model is on CUDA (SyncBatchNorm needs it; on the CPU each rank normalises its own batch). In place."""
+    on_cuda = any(p.is_cuda for p in dino.student.parameters())  # the model's device, not the machine's
+    if on_cuda and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dino.student.modules()):
+        dino.student = nn.SyncBatchNorm.convert_sync_batchnorm(dino.student)
+        dino.teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(dino.teacher.module)
+
+
 class DINORecipe:
     """The recipe's helpers (see the module docstring); mixed into :class:`~dino_pytorch.DINO`."""
 
@@ -127,12 +136,8 @@ class DINORecipe:
         if fsdp_options:
             raise TypeError(f"distribute() got {', '.join(fsdp_options)} with strategy='ddp': FSDP options, "
                             "expected strategy='fsdp' with them")
-        on_cuda = any(p.is_cuda for p in self.student.parameters())  # the model's device, not the machine's
-        if sync_batchnorm and on_cuda and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()
-        ):
-            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            self.teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.module)
+        if sync_batchnorm:
+            convert_sync_batchnorm_(self)
         # A head warm-up's frozen backbone takes no part in the backward: DDP must look for such parameters.
         ddp = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids,
                                                   find_unused_parameters=self.head_warmup_steps > 0)

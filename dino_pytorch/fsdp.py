@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distributed import local_tensor
+from .dino_recipe import convert_sync_batchnorm_
+from .distributed import is_distributed, local_tensor
 
 UnitPredicate = Callable[[str, nn.Module], bool]
 """``units(name, module) -> bool``: shard ``module`` (``name`` relative to the backbone) as one unit."""
@@ -81,7 +82,7 @@ def _head_units(wrapper: nn.Module) -> list[str]:
 
 
 def _check_can_shard(dino: Any) -> None:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         raise RuntimeError("strategy='fsdp' needs an initialised process group (torchrun, or "
                            "torch.distributed.init_process_group) before DINO.distribute")
     if dino._student_forward is not dino.student or dino._teacher_forward is not dino.teacher:
@@ -117,10 +118,8 @@ def shard_dino(dino: Any, *, units: Optional[UnitPredicate] = None, param_dtype:
 
     _check_can_shard(dino)
     device = next(dino.student.parameters()).device
-    if sync_batchnorm and device.type == "cuda" and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dino.student.modules()):
-        dino.student = nn.SyncBatchNorm.convert_sync_batchnorm(dino.student)
-        dino.teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(dino.teacher.module)
+    if sync_batchnorm:
+        convert_sync_batchnorm_(dino)
     if param_dtype is not None and reduce_dtype is None:
         reduce_dtype = torch.float32
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from .checkpoint import _fsync_directory, _plain
+from .distributed import get_rank, get_world_size, is_distributed
 from .safe_load import CheckpointError, PathLike
 from .validate import check_path
 
@@ -109,10 +110,6 @@ def remove_stale(path: PathLike) -> list[str]:
     return removed
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _publish(tmp: Path, target: Path) -> None:
     """Rename the finished ``tmp`` folder onto ``target`` (rank 0)."""
     aside = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
@@ -168,23 +165,23 @@ def save_sharded_checkpoint(path: PathLike, dino: Any, optimizer: Optional[torch
         raise FileNotFoundError(f"save_sharded_checkpoint: the directory {str(target.parent)!r} of "
                                 f"path={str(target)!r} does not exist")
     state, groups = _state(dino, optimizer)
-    meta = {"format": FORMAT, "step": int(dino.step), "world_size": dist.get_world_size() if _distributed() else 1,
+    meta = {"format": FORMAT, "step": int(dino.step), "world_size": get_world_size(),
             "optimizer": {"class": type(optimizer).__name__, "param_groups": _plain(groups)} if optimizer else None,
             **_plain(dict(extra))}
     name = [f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"]
-    if _distributed():
+    if is_distributed():
         dist.broadcast_object_list(name, src=0)  # one temporary folder for all ranks
     tmp = target.parent / name[0]
     try:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
-        if not _distributed() or dist.get_rank() == 0:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not is_distributed())
+        if get_rank() == 0:
             _write_meta(tmp, meta)
             _publish(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _distributed():
+    if is_distributed():
         dist.barrier()  # no rank goes on (or reads the folder) before it is in place
     return target
 
@@ -242,7 +239,7 @@ def load_sharded_checkpoint(path: PathLike, dino: Any,
             fqn: values for fqn, values in state["optimizer"]["state"].items()
             if all(f"optimizer.state.{fqn}.{k}" in saved for k in values)}
     try:
-        dcp.load(state, storage_reader=SafeReader(folder), no_dist=not _distributed())
+        dcp.load(state, storage_reader=SafeReader(folder), no_dist=not is_distributed())
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, KeyError, CheckpointException) as err:

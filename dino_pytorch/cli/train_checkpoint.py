@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .. import distributed
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..dino import DINO
 from ..sharded_checkpoint import (
@@ -236,12 +237,11 @@ def resume_or_start(out: Path, dino: DINO, optimizer: torch.optim.Optimizer, sca
         stale = remove_stale_temp_files(out) + (remove_stale(path) if sharded else [])
         if stale:
             print(f"removed {len(stale)} temporary file(s) of interrupted saves: {', '.join(stale)}", flush=True)
-    if dist.is_available() and dist.is_initialized():
+    if distributed.is_distributed():
         dist.barrier()  # no rank looks for the checkpoint while rank 0 tidies
     _check_one_kind(out, sharded)
     if path.exists() and sharded:
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        resume_sharded(path, dino, optimizer, args, total_steps, world_size)
+        resume_sharded(path, dino, optimizer, args, total_steps, distributed.get_world_size())
     elif path.exists():
         resume(path, dino, optimizer, scaler, device, args, total_steps)
     if path.exists() and is_main:

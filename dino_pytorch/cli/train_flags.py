@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import distributed
 from ..ibot import IBOTConfig
 from ..precision import PRECISION_REQUESTS, native_precision, resolve_precision, support_note
 from ._setup import (
@@ -316,7 +317,7 @@ def settle_precision(args: argparse.Namespace, device: torch.device, prog: str, 
         args.precision = "fp16" if args.use_fp16 and device.type == "cuda" else "fp32"
     elif requested == "auto":
         args.precision = resolve_precision("auto", device)
-        if dist.is_available() and dist.is_initialized():
+        if distributed.is_distributed():
             # A timed probe decides on a CPU: every rank runs what rank 0 measured.
             agreed = [args.precision]
             dist.broadcast_object_list(agreed, src=0)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import distributed
 from ..dino import DINO
 from ..model_config import is_vit
 from ._setup import UsageError, dataset_stats, first, is_torchvision_arch, knn_top1
@@ -201,7 +202,7 @@ class ReplacedFiles:
     def log_point(self) -> None:
         """Merge every rank's new entries; rank 0 says the counts when they grew."""
         gathered: list[list[str]] = [self.local]
-        if dist.is_available() and dist.is_initialized():
+        if distributed.is_distributed():
             gathered = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(gathered, self.local)
         self._merge(gathered)
