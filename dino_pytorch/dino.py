@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .diagnostics import collapse_metrics
-from .dino_recipe import DINORecipe
+from .dino_steps import DINOSteps
 from .features import as_feature_extractor, check_input_size, feature_dim_hint, infer_feature_dim
 from .head import DINOHead
 from .ibot import IBOTConfig, MaskedMultiCropWrapper, check_ibot_config, check_masked_backbone, step_masks
@@ -32,7 +32,7 @@ def _check_one_momentum_source(schedules: Optional[DINOSchedules], **scalars: Op
                          "expected one or the other (DINOSchedules.official(..., momentum_teacher=...))")
 
 
-class DINO(DINORecipe, nn.Module):
+class DINO(DINOSteps, nn.Module):
     """DINO self-distillation around any backbone.
 
     >>> dino = DINO(backbone, out_dim=65536)                      # build
@@ -328,73 +328,3 @@ class DINO(DINORecipe, nn.Module):
         with torch.no_grad():
             probs = self.criterion.teacher_probs(list(logits.float().chunk(self.num_global_views)), temp)
             return collapse_metrics(torch.cat(probs), self.criterion.center, self._last_loss)
-
-    def update_teacher(self, momentum: Optional[float] = None) -> float:
-        """Once per optimizer step: EMA of the teacher and the centre update. Returns the momentum.
-
-        After a step whose loss was non-finite (any micro-batch, any rank) neither
-        moves: the flag is read on the device, so this adds no host sync.
-        """
-        if momentum is None and self.schedules is not None:
-            momentum = self.schedules.at(self.step)["momentum"]
-        losses = self._losses()
-        skip = self._nonfinite_found().clone()  # update_center resets the flags
-        for loss in losses:  # one bad part leaves every centre as it was
-            loss.nonfinite.found.copy_(skip.to(loss.nonfinite.found.device))
-            loss.nonfinite.close_step(self.step)
-            loss.update_center()
-        self._micro_batch = 0
-        return self.teacher.update(self.student, momentum=momentum, skip=skip)
-
-    def _losses(self) -> list[Any]:
-        return [self.criterion] + ([self.ibot_loss] if self.ibot is not None else [])
-
-    def _nonfinite_found(self) -> Tensor:
-        """0-dim bool on the device: any part of the loss non-finite since the last update, on any rank.
-
-        With a process group the flag is max-reduced (one element, no host sync): a rank whose own
-        loss was finite still got the bad rank's gradients, so every rank must skip the same step,
-        and report the same one (a rank stopping alone would leave the others waiting in a collective).
-        """
-        found = self.criterion.nonfinite.found
-        for loss in self._losses()[1:]:
-            found = found | loss.nonfinite.found.to(found.device)
-        if distributed.is_distributed() and distributed.get_world_size() > 1:
-            found = distributed.all_reduce_max(found.to(torch.int32)).bool()
-        return found
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler] = None) -> None:
-        """``optimizer.step()``, skipped after a non-finite loss (call before :meth:`update_teacher`).
-
-        With a GradScaler the scaler decides (a non-finite loss gives non-finite gradients, which it
-        skips); fused optimizers (``AdamW(fused=True)``, ...) skip on the device from the flag, with
-        no host sync; any other optimizer reads the flag, free on the CPU, one sync on CUDA. During
-        the head warm-up it first drops the backbone's gradients (:meth:`cancel_backbone_gradients_`).
-        """
-        if self.backbone_frozen:
-            self.cancel_backbone_gradients_()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-            return
-        found = self._nonfinite_found()
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
-            # The fused kernels take GradScaler's found_inf and leave params and state untouched.
-            optimizer.found_inf = found.to(torch.float32)  # type: ignore[attr-defined]
-            optimizer.grad_scale = None  # type: ignore[attr-defined]
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
-        elif not bool(found):
-            optimizer.step()
-
-    def nonfinite_report(self) -> Optional[str]:
-        """None while every optimizer step so far had a finite loss, else one line naming the first
-        that did not (its step and what was non-finite); nothing was updated from such a step.
-
-        Reads device flags (one host sync on CUDA): call it where the loop syncs anyway, e.g. at log
-        points and before saving, and stop there; on the CPU it is free, every step.
-        """
-        kept = "the centre" + ("s" if self.ibot is not None else "") + ", the teacher and the optimizer were"
-        return next(filter(None, (loss.nonfinite.first_report(kept=kept) for loss in self._losses())), None)
