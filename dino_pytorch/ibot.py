@@ -17,7 +17,7 @@ masks again. (DINOv2 draws each rank's masks on its own.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -87,12 +87,13 @@ def check_ibot_config(ibot: Optional[IBOTConfig], fused_head_loss: bool) -> Opti
     return ibot
 
 
-def check_masked_backbone(backbone: nn.Module) -> int:
-    """The backbone's ``patch_size``; one line naming what is missing when it cannot run iBOT."""
+def check_masked_backbone(backbone: nn.Module, option: str = "ibot=") -> int:
+    """The backbone's ``patch_size``; one line naming what is missing when it cannot run ``option``
+    (iBOT, or Gram anchoring: both read DINOv2's patch tokens)."""
     patch = getattr(backbone, "patch_size", None)
     if not callable(getattr(backbone, "forward_features", None)) or not isinstance(patch, int):
         raise TypeError(
-            f"ibot= needs a ViT with DINOv2's features call, forward_features(x, masks=None) -> "
+            f"{option} needs a ViT with DINOv2's features call, forward_features(x, masks=None) -> "
             f"{{'x_norm_clstoken', 'x_norm_patchtokens', ...}}, and an int patch_size; "
             f"{type(backbone).__name__} has not (use dino_pytorch.models.dinov2_vit_small or its family, or wrap "
             f"our VisionTransformer or a timm ViT with dino_pytorch.models.as_masked_vit)"
@@ -120,7 +121,8 @@ def step_masks(config: IBOTConfig, grid: tuple[int, int], batch: int, num_global
 
 class MaskedMultiCropWrapper(nn.Module):
     """A multi-crop wrapper for iBOT: the DINO head on every view's CLS token, and a patch head on the
-    global crops' masked patch tokens.
+    global crops' masked patch tokens; also the student of Gram anchoring (with or without iBOT),
+    which reads the global crops' patch tokens (``return_patch_tokens``).
 
     Args:
         backbone: a ViT with ``forward_features(x, masks=None)`` (see the module docstring).
@@ -130,18 +132,21 @@ class MaskedMultiCropWrapper(nn.Module):
     Shapes:
         views: V tensors (B, C, H_v, W_v), the ``num_global`` global crops first.
         patch_index: (M,) long indices into the (T*B*N) patch tokens of the global crops (crop-major,
-            row-major patches): the masked patches, ``masks.flatten().nonzero()``.
+            row-major patches): the masked patches, ``masks.flatten().nonzero()``; None: no patch head
+            (``patch_logits`` is None: Gram anchoring without iBOT).
         masks: (T*B, N) bool, or None (the teacher: the crops whole).
         returns: ``(logits (V*B, K), patch_logits (M, K_p))``, plus the (V*B, D) CLS features with
-            ``return_backbone_feats``.
+            ``return_backbone_feats``, then the global crops' (T*B, N, D) final-norm patch tokens
+            (``x_norm_patchtokens``, masked where ``masks``) with ``return_patch_tokens``.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, patch_head: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.backbone, self.head, self.patch_head = backbone, head, patch_head
 
-    def forward(self, views: list[Tensor], num_global: int, patch_index: Tensor, masks: Optional[Tensor] = None,
-                return_backbone_feats: bool = False) -> Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    def forward(self, views: list[Tensor], num_global: int, patch_index: Optional[Tensor] = None,
+                masks: Optional[Tensor] = None, return_backbone_feats: bool = False,
+                return_patch_tokens: bool = False) -> tuple[Any, ...]:
         backbone: Any = self.backbone
         out = backbone.forward_features(torch.cat(views[:num_global]), masks=masks)
         per_view: list[Tensor] = list(out["x_norm_clstoken"].chunk(num_global))
@@ -153,7 +158,10 @@ class MaskedMultiCropWrapper(nn.Module):
                 local_feats[i] = chunk
         feats = torch.cat(per_view + local_feats)
         logits = self.head(feats)
-        patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, patch_index)
-        patch_head = self.head if self.patch_head is None else self.patch_head
-        patch_logits = patch_head(patches)
-        return (logits, patch_logits, feats) if return_backbone_feats else (logits, patch_logits)
+        tokens = out["x_norm_patchtokens"]
+        patch_logits: Optional[Tensor] = None
+        if patch_index is not None:
+            patch_head = self.head if self.patch_head is None else self.patch_head
+            patch_logits = patch_head(tokens.flatten(0, 1).index_select(0, patch_index))
+        return ((logits, patch_logits) + ((feats,) if return_backbone_feats else ())
+                + ((tokens,) if return_patch_tokens else ()))
