@@ -45,6 +45,7 @@ OFFICIAL = dict(
     solarize_threshold=128,
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
+    gram_teacher_scale=None,  # DINOv3's Gram teacher's crops: off
 )
 
 

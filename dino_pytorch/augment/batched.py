@@ -32,6 +32,7 @@ from torchvision.transforms import InterpolationMode
 from ..validate import check_bool, check_int, is_int
 from . import functional as AF
 from .draws import SeedsLike, Uniforms, check_seeds, sample_boxes
+from .gram_crops import split_batch
 from .inputs import check_batch, stack_images, to_image_tensor
 from .per_image import MultiCropTransform
 from .recipe import MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
@@ -216,7 +217,8 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
     def forward(self, images: Tensor, *, image_sizes: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None, seeds: Optional[SeedsLike] = None,
                 return_params: bool = False) -> Union[list[Tensor], tuple[list[Tensor], list[ViewParams]]]:
-        """Augment a batch: ``(B, C, H, W) -> [(B, C_out, gh, gw)] * G + [(B, C_out, lh, lw)] * N``.
+        """Augment a batch: ``(B, C, H, W) -> [(B, C_out, gh, gw)] * G + [(B, C_out, lh, lw)] * N``, then, with
+        ``gram_teacher_scale``, the G Gram teacher's crops ``(B, C_out, *gram_crop_size)``.
 
         Args:
             images: ``uint8`` in ``[0, 255]`` or floating in ``[0, 1]``, any device; ``C == len(mean)``, or
@@ -266,19 +268,24 @@ class BatchedMultiCrop(RecipeAttributes, nn.Module):
 
     @torch.no_grad()
     def _augment(self, images: Tensor, params: Sequence[ViewParams]) -> list[Tensor]:
-        """:meth:`apply_params` on checked inputs."""
+        """:meth:`apply_params` on checked inputs; with ``gram_teacher_scale`` the G Gram crops follow
+        (:mod:`~dino_pytorch.augment.gram_crops`)."""
         x = AF.to_unit_float(AF.match_channels(images.as_subclass(Tensor), self.recipe.channels))
-        return [self._view(x, p, spec.size, spec.solarize_prob > 0.0)
-                for p, spec in zip(params, self.recipe.view_specs)]
+        grams: list[Tensor] = []
+        return [self._view(x, p, spec, grams) for p, spec in zip(params, self.recipe.view_specs)] + grams
 
-    def _view(self, x: Tensor, p: ViewParams, size: tuple[int, int], may_solarize: bool) -> Tensor:
+    def _view(self, x: Tensor, p: ViewParams, spec: ViewSpec, grams: list[Tensor]) -> Tensor:
         r = self.recipe
-        view = AF.resized_crop(x, p.boxes, p.flip, size, r.interpolation)
+        big = None if spec.local else r.gram_crop_size
+        view = AF.resized_crop(x, p.boxes, p.flip, big or spec.size, r.interpolation)
+        if big is not None:
+            gram, view = split_batch(view, spec.size, r)
+            grams.append(gram)
         view = self._color_jitter(view, p)
         if r.channels == 3:  # an RGB op: hand-made ViewParams may ask it of grey or band views
             view = AF.apply_rows(view, p.grayscale, lambda v, rows: AF.grayscale(v))
         view = AF.apply_rows(view, p.blur, lambda v, rows: AF.gaussian_blur(v, p.sigma[rows]))
-        if may_solarize:
+        if spec.solarize_prob > 0.0:
             view = AF.apply_rows(view, p.solarize, lambda v, rows: AF.solarize(v, r.solarize_threshold))
         return AF.normalize(view, r.mean, r.std)
 

@@ -38,6 +38,7 @@ from torchvision.transforms.v2 import functional as TF
 from . import functional as AF
 from .crop_box import SCALAR, centred_box, try_size
 from .functional import ImageLike
+from .gram_crops import split_batch, split_image
 from .inputs import check_image_tensor
 from .recipe import CROP_ATTEMPTS, MultiCropRecipe, RecipeAttributes, ViewSpec, augmenter_signature
 
@@ -145,12 +146,15 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
             image: a PIL image (mode ``'RGB'`` or ``'L'``), a uint8 tensor ``(C, H, W)`` with ``C`` in
                 {1, 3}, or a floating tensor ``(C, H, W)`` in ``[0, 1]`` with ``C == len(mean)``.
         Returns:
-            ``G`` float32 tensors ``(C_out, *global_crop_size)`` then ``N`` of ``(C_out, *local_crop_size)``.
+            ``G`` float32 tensors ``(C_out, *global_crop_size)`` then ``N`` of ``(C_out, *local_crop_size)``;
+            with ``gram_teacher_scale``, then the ``G`` Gram teacher's crops ``(C_out, *gram_crop_size)``
+            (:mod:`~dino_pytorch.augment.gram_crops`).
         """
         image = self._prepare(image)
+        grams: list[torch.Tensor] = []
         if isinstance(image, torch.Tensor) and image.is_floating_point():
-            return [self._float_view(image, spec) for spec in self.recipe.view_specs]
-        return [self._view(image, spec) for spec in self.recipe.view_specs]
+            return [self._float_view(image, spec, grams) for spec in self.recipe.view_specs] + grams
+        return [self._view(image, spec, grams) for spec in self.recipe.view_specs] + grams
 
     def _prepare(self, image: ImageLike) -> ImageLike:
         """Check the input and give it the output's channel count, once for all views."""
@@ -180,14 +184,19 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
             f"image: expected a PIL.Image.Image or a uint8 or float torch.Tensor (C, H, W), got {type(image).__name__}"
         )
 
-    def _view(self, image: ImageLike, spec: ViewSpec) -> torch.Tensor:
+    def _view(self, image: ImageLike, spec: ViewSpec, grams: list[torch.Tensor]) -> torch.Tensor:
+        """One view; a global view with ``gram_teacher_scale`` appends its Gram crop to ``grams``."""
         r = self.recipe
         height, width = TF.get_size(image)
         top, left, crop_h, crop_w = self.sample_crop_params(height, width, local=spec.local)
-        view = AF.resized_crop_image(image, top, left, crop_h, crop_w, spec.size, r.interpolation)
+        big = None if spec.local else r.gram_crop_size
+        view = AF.resized_crop_image(image, top, left, crop_h, crop_w, big or spec.size, r.interpolation)
 
         if _uniform() < r.flip_prob:
             view = TF.horizontal_flip(view)
+        if big is not None:
+            gram, view = split_image(view, spec.size, r)
+            grams.append(gram)
         if _uniform() < r.color_jitter_prob:
             view = self.color_jitter(view)
         if _uniform() < r.grayscale_prob and r.channels == 3:
@@ -201,14 +210,18 @@ class MultiCropTransform(RecipeAttributes, nn.Module):
             view = TF.pil_to_tensor(view)
         return AF.normalize(AF.to_unit_float(view), r.mean, r.std)
 
-    def _float_view(self, image: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
+    def _float_view(self, image: torch.Tensor, spec: ViewSpec, grams: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`_view` for a float32 ``(C, H, W)`` image in ``[0, 1]``: the same draws, in the same
         order, through the batched float kernels on a batch of one (so any ``C`` works)."""
         r = self.recipe
         top, left, crop_h, crop_w = self.sample_crop_params(image.shape[1], image.shape[2], local=spec.local)
         flip = torch.tensor([_uniform() < r.flip_prob])
         box = torch.tensor([[top, left, crop_h, crop_w]])
-        view = AF.resized_crop(image.unsqueeze(0), box, flip, spec.size, r.interpolation)  # (1, C, h, w)
+        big = None if spec.local else r.gram_crop_size
+        view = AF.resized_crop(image.unsqueeze(0), box, flip, big or spec.size, r.interpolation)  # (1, C, h, w)
+        if big is not None:
+            gram, view = split_batch(view, spec.size, r)
+            grams.append(gram[0])
         if _uniform() < r.color_jitter_prob:
             # ColorJitter's draws, so the stream matches the uint8 path's; applied by the float kernels.
             order, factors = _jitter_draws(r.jitter_ranges)

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Optional, cast
 
 from torchvision.transforms import InterpolationMode
 
-from ..validate import check_int, check_probability, is_int
+from ..validate import check_float, check_int, check_probability, is_int
 from .recipe_checks import (
     InterpolationLike,
     JitterLike,
@@ -127,6 +127,11 @@ class MultiCropRecipe:
         mean: per-channel normalisation mean in [0, 1], one entry per output channel: 1 (grey), 3 (RGB)
             or C (C-band images); the same length as ``std``.
         std: per-channel normalisation standard deviation, of the same length as ``mean``.
+        gram_teacher_scale: also make the Gram teacher's crops (DINOv3's Gram anchoring,
+            :mod:`~dino_pytorch.augment.gram_crops`): each global crop is cut at this many times
+            ``global_crop_size`` (:attr:`gram_crop_size`), kept undistorted for the Gram teacher, and
+            downsampled for the student's global view; the augmenters then append the ``G`` Gram
+            crops after the views. None (default): off, the views as without the option.
 
     Raises:
         TypeError, ValueError: on a bad argument; the message names the argument, the value given and
@@ -157,6 +162,7 @@ class MultiCropRecipe:
     solarize_threshold: int = 128
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
+    gram_teacher_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {
@@ -184,6 +190,9 @@ class MultiCropRecipe:
             raise kind(f"solarize_threshold={threshold!r}, expected an int in [0, 255]")
         checked["solarize_threshold"] = int(threshold)
         checked["mean"], checked["std"] = check_stats(self.mean, self.std)
+        if self.gram_teacher_scale is not None:
+            checked["gram_teacher_scale"] = check_float("gram_teacher_scale", self.gram_teacher_scale, low=0.0,
+                                                        low_open=True, error=TypeError)
         # Frozen: the normalised values go in through object.__setattr__, once, here.
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -195,6 +204,20 @@ class MultiCropRecipe:
     def num_views(self) -> int:
         """``G + N``, the number of views per image."""
         return self.global_crops_number + self.local_crops_number
+
+    @property
+    def gram_crop_size(self) -> Optional[tuple[int, int]]:
+        """``(height, width)`` of the Gram teacher's crops: ``gram_teacher_scale`` times
+        ``global_crop_size``, rounded; None when the option is off."""
+        if self.gram_teacher_scale is None:
+            return None
+        height, width = cast("tuple[int, int]", self.global_crop_size)
+        return max(1, round(self.gram_teacher_scale * height)), max(1, round(self.gram_teacher_scale * width))
+
+    @property
+    def num_gram_views(self) -> int:
+        """The Gram teacher's crops per image after the views: ``G`` with ``gram_teacher_scale``, else 0."""
+        return 0 if self.gram_teacher_scale is None else self.global_crops_number
 
     @property
     def channels(self) -> int:
@@ -340,8 +363,9 @@ class MultiCropRecipe:
 # ---------------------------------------------------------------------------------------------
 # read access for the augmenters
 
-_DERIVED = ("num_views", "channels", "global_blur_prob", "global_solarize_prob", "view_specs", "jitter_ranges",
-            "min_crop_scale", "min_image_pixels", "check_image_size", "check_image_channels", "skipped_colour_ops")
+_DERIVED = ("num_views", "gram_crop_size", "num_gram_views", "channels", "global_blur_prob", "global_solarize_prob",
+            "view_specs", "jitter_ranges", "min_crop_scale", "min_image_pixels", "check_image_size",
+            "check_image_channels", "skipped_colour_ops")
 
 
 class RecipeAttributes:
