@@ -93,7 +93,8 @@ def _mark_collapses(ax: Any, marks: list[tuple[float, str]]) -> None:
 
 
 # The parts of the loss (dino.loss_parts, unweighted) that step records carry with iBOT or KoLeo on.
-LOSS_PART_LABELS = {"dino_loss": "DINO", "ibot_loss": "iBOT (masked patches)", "koleo_loss": "KoLeo"}
+LOSS_PART_LABELS = {"dino_loss": "DINO", "ibot_loss": "iBOT (masked patches)", "koleo_loss": "KoLeo",
+                    "gram_loss": "Gram anchoring"}
 
 
 def _loss_panel(ax: Any, records: Sequence[Mapping[str, Any]], loss: tuple[list[float], list[float], str]) -> None:

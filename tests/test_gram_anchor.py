@@ -319,3 +319,60 @@ def test_per_image_global_is_the_resized_gram_crop_without_distortions():
     base = (views[4] * STD[0] + MEAN[0]).mul(255).round().to(torch.uint8)  # the uint8 crop, exactly
     small = AF.resized_crop_image(base, 0, 0, 16, 16, (8, 8), transform.recipe.interpolation)
     assert torch.equal(views[0], AF.normalize(AF.to_unit_float(small), MEAN, STD))
+
+
+# -- dino-train ------------------------------------------------------------------------------------------
+
+GRAM_RUN = ["--dataset", "fashion_mnist", "--arch", "dinov2_vit_small", "--patch_size", "4", "--vit_depth", "1",
+            "--vit_embed_dim", "12", "--out_dim", "32", "--hidden_dim", "16", "--bottleneck_dim", "8",
+            "--batch_size_per_gpu", "4", "--local_crops_number", "1", "--num_workers", "0", "--no_final_knn",
+            "--no_progress", "--log_every", "1", "--warmup_epochs", "0", "--freeze_last_layer", "0", "--lr", "0.01",
+            "--max_steps", "4", "--attention_maps", "0", "--save_every_min", "0", "--saveckp_freq", "0"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gram_refresh_every", "5"], ["--gram_refresh_every 5", "Gram anchoring is off", "--gram_weight"]),
+    (["--gram_weight", "1", "--arch", "convnet"], ["--gram_weight 1.0", "dinov2_vit_* arch", "convnet"]),
+    (["--gram_weight", "-1"], ["--gram_weight -1.0", ">= 0"]),
+    (["--gram_weight", "1", "--gram_refresh_every", "0"], ["--gram_refresh_every 0", "a positive int"]),
+    (["--gram_weight", "1", "--gram_teacher_scale", "1.1"], ["--gram_teacher_scale 1.1", "31 px", "--patch_size 4"]),
+    (["--gram_weight", "1", "--fused_head_loss", "true"], ["--fused_head_loss True", "--gram_weight 1.0"]),
+])
+def test_a_bad_gram_flag_is_one_line_naming_it(argv, words, capsys, tmp_path):
+    from dino_pytorch.cli import train
+
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*GRAM_RUN, *argv, "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dino-train: error: "), lines
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def test_dino_train_logs_the_gram_loss_and_saves_the_snapshot(tmp_path):
+    import json
+
+    from train_cases import load, run
+
+    run([*GRAM_RUN, "--gram_weight", "0.5", "--gram_start_step", "1", "--gram_refresh_every", "2",
+         "--output_dir", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train_loss" in r]
+    assert [r["gram_weight"] for r in steps] == [0.0, 0.5, 0.5, 0.5]  # step 0's forward is before the start
+    for r in steps:
+        assert r["train_loss"] == pytest.approx(r["dino_loss"] + r["gram_weight"] * r["gram_loss"], rel=1e-5)
+    saved = load(tmp_path / "checkpoint.pth")
+    assert bool(saved["gram_teacher"]["taken"]) and int(saved["gram_teacher"]["refreshes"]) == 2  # steps 2, 4
+
+
+def test_a_resume_must_keep_gram_anchoring_on_or_off(tmp_path):
+    from dino_pytorch.cli._setup import UsageError
+    from dino_pytorch.cli.train_checkpoint import check_same_gram
+
+    with_gram, without = tiny_dino(GramAnchor())[0], tiny_dino(None)[0]
+    saved = with_gram.official_checkpoint(None, 0, args={"gram_weight": 1.0})
+    check_same_gram(saved, with_gram, tmp_path)
+    with pytest.raises(UsageError, match=r"with Gram anchoring \(--gram_weight 1.0\), and this run has --gram_weight"):
+        check_same_gram(saved, without, tmp_path)
+    with pytest.raises(UsageError, match="trained without Gram anchoring, and this run has --gram_weight > 0"):
+        check_same_gram(without.official_checkpoint(None, 0), with_gram, tmp_path)

@@ -90,7 +90,8 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
         raise UsageError(f"cannot resume: {err}. Move the file away to start afresh.") from None
     check_resume_fits(ckpt, dino.student, path)  # another width or head: one line, not a traceback
     check_same_ibot(ckpt, dino, path)
-    for entry in ("student", "teacher", "dino_loss", "ibot_loss", "optimizer", "fp16_scaler"):
+    check_same_gram(ckpt, dino, path)
+    for entry in ("student", "teacher", "dino_loss", "ibot_loss", "gram_teacher", "optimizer", "fp16_scaler"):
         bad = first_non_finite(ckpt.get(entry, {}), entry)
         if bad is not None:
             raise UsageError(f"cannot resume from {path}: {bad} holds non-finite values (NaN or inf). "
@@ -117,6 +118,17 @@ def check_same_ibot(ckpt: Mapping[str, Any], dino: DINO, path: Path) -> None:
     saved = (ckpt.get("args") or {}).get("ibot_weight")
     then = f"with iBOT (--ibot_weight {saved})" if "ibot_loss" in ckpt else "without iBOT"
     now = f"--ibot_weight {dino.ibot.weight}" if dino.ibot is not None else "--ibot_weight 0"
+    raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has {now}. Pass the flags it "
+                     "was trained with, or another --output_dir (or move the file away) to start afresh")
+
+
+def check_same_gram(ckpt: Mapping[str, Any], dino: DINO, path: Path) -> None:
+    """Gram anchoring on in both runs or in neither (its snapshot, ``gram_teacher``, is saved only with it)."""
+    if ("gram_teacher" in ckpt) == (dino.gram is not None):
+        return
+    saved = (ckpt.get("args") or {}).get("gram_weight")
+    then = f"with Gram anchoring (--gram_weight {saved})" if "gram_teacher" in ckpt else "without Gram anchoring"
+    now = "--gram_weight 0" if dino.gram is None else "--gram_weight > 0"
     raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has {now}. Pass the flags it "
                      "was trained with, or another --output_dir (or move the file away) to start afresh")
 

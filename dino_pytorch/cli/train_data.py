@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._setup import UsageError
+from .train_gram import gram_teacher_scale
 from .train_sources import ReplacedFiles, TrainSource
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ def build_data(args: argparse.Namespace, source: TrainSource, rank: int, world_s
     try:
         recipe = MultiCropRecipe(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                  global_crop_size=args.global_crop_size, local_crop_size=args.local_crop_size,
-                                 mean=tuple(source.mean), std=tuple(source.std))
+                                 mean=tuple(source.mean), std=tuple(source.std),
+                                 gram_teacher_scale=gram_teacher_scale(args))  # DINOv3's Gram crops: appended
     except ValueError as err:
         raise UsageError(f"--mean / --std of {len(source.mean)} channels: the multi-crop recipe refuses them: "
                          f"{err}") from None
