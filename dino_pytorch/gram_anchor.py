@@ -242,11 +242,16 @@ class GramTeacher(nn.Module):
         """``(weight * gram_loss, {"gram_loss", "gram_weight"})`` of one forward.
 
         Args:
-            step: ``dino.step``. teacher_backbone: the EMA teacher's, for the snapshot at ``start_step``.
+            step: ``dino.step``.
+            teacher_backbone: the EMA teacher's, for the snapshot at ``start_step``.
             student_patches: (T*B, N, D) final-norm patch tokens of the student's T global crops, crop-major.
             student_views: the T global crops, (B, C, H, W) each.
             gram_views: the Gram teacher's T crops (B, C, H', W'), or None to use ``student_views``.
-            patch_size: the backbone's. masks: (T*B, N) bool iBOT masks, or None.
+            patch_size: the backbone's.
+            masks: (T*B, N) bool iBOT masks, or None.
+
+        Returns:
+            The weighted 0-dim loss (0 before ``start_step``) and its detached parts.
         """
         weight = self.config.weight_at(step)
         if step < self.config.start_step:

@@ -376,3 +376,15 @@ def test_a_resume_must_keep_gram_anchoring_on_or_off(tmp_path):
         check_same_gram(saved, without, tmp_path)
     with pytest.raises(UsageError, match="trained without Gram anchoring, and this run has --gram_weight > 0"):
         check_same_gram(without.official_checkpoint(None, 0), with_gram, tmp_path)
+
+
+def test_the_docs_snippet_runs(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "dinov3.md").read_text(encoding="utf-8")
+    code = text.split("## Gram anchoring in training")[1].split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/dinov3.md", "exec"), namespace)
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[-1]) for line in lines] == [0, 0, 1, 1, 1, 2, 2]  # refreshed at steps 3 and 6
+    assert float(lines[0].split()[2]) == 0.0 and float(lines[-1].split()[2]) > 0  # no Gram loss before step 2
