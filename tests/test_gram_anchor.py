@@ -137,6 +137,20 @@ def test_a_nonfinite_step_defers_the_refresh_to_the_next_finite_one():
     assert int(dino.gram_teacher.refreshes) == 1 and same(snapshot(dino), teacher_weights(dino))
 
 
+def test_a_given_snapshot_is_kept_at_the_start_step_and_a_loaded_state_is_followed():
+    earlier, _ = tiny_dino(None, seed=3)
+    dino, opt = tiny_dino(GramAnchor(start_step=1))
+    dino.gram_teacher.load_snapshot(earlier.teacher_backbone.state_dict())  # DINOv3's gram.ckpt
+    for _ in range(2):
+        one_step(dino, opt)
+    assert same(snapshot(dino), teacher_weights(earlier)) and not same(snapshot(dino), teacher_weights(dino))
+    copy_, _ = tiny_dino(GramAnchor(start_step=1, refresh_every=1), seed=4)
+    copy_.load_state_dict(dino.state_dict())  # the whole DINO: the host's view of the buffers follows
+    assert same(snapshot(copy_), snapshot(dino)) and bool(copy_.gram_teacher.taken)
+    one_step(copy_, torch.optim.SGD([p for p in copy_.parameters() if p.requires_grad], lr=0.5))
+    assert int(copy_.gram_teacher.refreshes) == 1 and same(snapshot(copy_), teacher_weights(copy_))
+
+
 # -- the loss --------------------------------------------------------------------------------------------
 
 def reference_gram_loss(student, teacher, img_level=True):
