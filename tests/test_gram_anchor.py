@@ -304,10 +304,14 @@ def test_batched_gram_crops_are_undistorted_and_the_globals_their_downsampled_co
     assert len(views_off) == 4 and all(torch.equal(a, b) for a, b in zip(views_j[2:4], views_off[2:4]))
 
 
-@pytest.mark.parametrize("kind", ["float", "uint8"])
+@pytest.mark.parametrize("kind", ["float", "uint8", "pil"])
 def test_per_image_gram_crops_are_undistorted(kind):
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
     image = torch.rand(1, 20, 20, generator=torch.Generator().manual_seed(0))
     image = image if kind == "float" else (image * 255).round().to(torch.uint8)
+    image = Image.fromarray(image[0].numpy(), mode="L") if kind == "pil" else image
     options = dict(color_jitter_prob=1.0, global_blur_probs=(1.0,), global_solarize_probs=(1.0,))
     transform = MultiCropTransform(recipe=recipe(gram_teacher_scale=1.5, **options))
     torch.manual_seed(7)
@@ -322,7 +326,8 @@ def test_per_image_gram_crops_are_undistorted(kind):
         base = AF.resized_crop(image.unsqueeze(0), box, torch.tensor([flip]), (12, 12), interpolation)[0]
     else:
         base = AF.resized_crop_image(image, top, left, h, w, (12, 12), interpolation)
-        base = AF.to_unit_float(base.flip(-1) if flip else base)
+        base = TF.horizontal_flip(base) if flip else base
+        base = AF.to_unit_float(TF.pil_to_tensor(base) if kind == "pil" else base)
     assert torch.equal(views[4], AF.normalize(base, MEAN, STD))
 
 
