@@ -3,6 +3,7 @@ from ._version import __version__
 from .augment import BatchedMultiCrop, MultiCropRecipe, MultiCropTransform
 from .data import ImageFiles, sample_statistics
 from .dino import DINO
+from .gram_anchor import GramAnchor
 from .head import DINOHead
 from .ibot import IBOTConfig
 from .koleo import KoLeoLoss
@@ -21,6 +22,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "EMATeacher",
+    "GramAnchor",
     "GramLoss",
     "IBOTConfig",
     "IBOTPatchLoss",

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from . import distributed
 from .diagnostics import collapse_metrics
 from .dino_steps import DINOSteps
+from .distill import check_student, distillation_teacher
 from .features import as_feature_extractor, check_input_size, feature_dim_hint, infer_feature_dim
+from .gram_anchor import GramAnchor, GramTeacher, check_gram_option
 from .head import DINOHead
 from .ibot import IBOTConfig, MaskedMultiCropWrapper, check_ibot_config, check_masked_backbone, step_masks
 from .koleo import KoLeoLoss
@@ -61,7 +63,7 @@ class DINO(DINOSteps, nn.Module):
     Args:
         backbone: any ``nn.Module`` mapping (B, C, H, W) images to features; a trailing classifier
             (``fc``/``head``/``heads``/``classifier``; timm's head) is bypassed, never edited.
-        out_dim: K, the number of prototypes.
+        out_dim: K, the number of prototypes (None: 65536, or the ``teacher``'s).
         embed_dim: the backbone's feature width; inferred with a dummy forward when None.
         input_size: (C, H, W) of that dummy forward (default: (C, 224, 224) with C the model's
             ``in_chans``, else its first conv's input channels, else 3); also the channel count
@@ -108,17 +110,27 @@ class DINO(DINOSteps, nn.Module):
             it, bit-identical, its teacher too) and the heads learn: fresh heads on pretrained
             weights (:mod:`~dino_pytorch.pretrained`); see :meth:`backbone_frozen`.
         backbone_lr_scale: the backbone's lr is the scheduled lr times this (:meth:`param_groups`).
+        gram: DINOv3's Gram anchoring (:class:`~dino_pytorch.GramAnchor`): from ``gram.start_step`` the
+            student's global-crop patch tokens are anchored to a frozen, periodically refreshed
+            snapshot of the EMA teacher's backbone (``self.gram_teacher``; :mod:`~dino_pytorch.gram_anchor`).
+            Needs a ViT with DINOv2's ``forward_features(x, masks)``; with or without ``ibot``.
+        teacher: distillation (DINOv3): a trained :class:`DINO`, or a backbone with its heads
+            (:func:`~dino_pytorch.distill.teacher_from_checkpoint`), frozen, gives the targets, and
+            ``self.teacher`` becomes the EMA of the student (:mod:`~dino_pytorch.distill`).
 
     Attributes:
         student: :class:`MultiCropWrapper` (backbone features + head), trained by the optimizer.
-        teacher: :class:`EMATeacher` of the student.
+        teacher: :class:`EMATeacher` of the student (the network to evaluate and export).
+        distill_teacher: the frozen :class:`~dino_pytorch.distill.FrozenTeacher` (None: DINO itself).
         criterion: :class:`DINOLoss`.
+        gram_teacher: with ``gram``, the :class:`~dino_pytorch.gram_anchor.GramTeacher` (the frozen snapshot
+            and its refresh count), else None.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        out_dim: int = 65536,
+        out_dim: Optional[int] = None,
         *,
         embed_dim: Optional[int] = None,
         input_size: Optional[Sequence[int]] = None,
@@ -146,14 +158,15 @@ class DINO(DINOSteps, nn.Module):
         ibot: Optional[IBOTConfig] = None,
         head_warmup_steps: int = 0,
         backbone_lr_scale: float = 1.0,
+        teacher: Optional[Any] = None,
+        gram: Optional[GramAnchor] = None,
     ) -> None:
         super().__init__()
         check_positive_int("num_global_views", num_global_views)
         _check_one_momentum_source(schedules, momentum_teacher=momentum_teacher, final_momentum=final_momentum,
                                    total_steps=total_steps)
         self.fused_head_loss = check_bool("fused_head_loss", fused_head_loss)
-        self.ibot = check_ibot_config(ibot, self.fused_head_loss)
-        self.patch_size = check_masked_backbone(backbone) if ibot is not None else None
+        out_dim = self._set_options(backbone, out_dim, ibot, gram, teacher)
         features = as_feature_extractor(backbone)
         size = check_input_size("input_size", input_size)
         embed_dim = self._feature_dim(backbone, features, embed_dim, size)
@@ -169,6 +182,7 @@ class DINO(DINOSteps, nn.Module):
             final_momentum=1.0 if final_momentum is None else final_momentum, total_steps=total_steps,
             buffers=teacher_buffers,
         )
+        self.gram_teacher = None if gram is None else GramTeacher(gram, self.teacher.module.backbone)
         # The same teacher side for both losses; centres applied once per optimizer step.
         loss_options: dict[str, Any] = dict(
             warmup_teacher_temp=teacher_temp if warmup_teacher_temp is None else warmup_teacher_temp,
@@ -189,21 +203,35 @@ class DINO(DINOSteps, nn.Module):
         # The callables the forward runs: the modules themselves, or their DDP / compiled wrappers.
         # Not submodules, so the state_dict keeps one copy of every weight under its plain name.
         object.__setattr__(self, "_student_forward", self.student)
-        object.__setattr__(self, "_teacher_forward", self.teacher)
+        targets = self.teacher if self.distill_teacher is None else self.distill_teacher
+        object.__setattr__(self, "_teacher_forward", targets)
         self._last_teacher: Optional[tuple[Tensor, float]] = None
         self._last_loss: Optional[Tensor] = None
 
     _student_forward: Callable[..., Any]
     _teacher_forward: Callable[..., Any]
 
+    def _set_options(self, backbone: nn.Module, out_dim: Optional[int], ibot: Optional[IBOTConfig],
+                     gram: Optional[GramAnchor], teacher: Optional[Any]) -> int:
+        """The iBOT, Gram and distillation options checked and set; returns the DINO head's ``out_dim``
+        (65536 by default; a distillation teacher's prototype count)."""
+        self.ibot = check_ibot_config(ibot, self.fused_head_loss)
+        self.gram = check_gram_option(gram, ibot, self.fused_head_loss, teacher is not None)
+        masked = "ibot=" if ibot is not None else "gram=" if gram is not None else None
+        self.patch_size = check_masked_backbone(backbone, masked) if masked is not None else None
+        self.distill_teacher = None if teacher is None else distillation_teacher(teacher)
+        if self.distill_teacher is not None:  # the student's prototype counts are the teacher's
+            out_dim, self.ibot = check_student(self.distill_teacher, out_dim, self.ibot, self.patch_size)
+        return 65536 if out_dim is None else out_dim
+
     def _student_wrapper(self, backbone: nn.Module, features: nn.Module, embed_dim: int,
                          head_options: dict[str, Any], in_chans: Optional[int]) -> nn.Module:
         """The student: backbone features and the DINO head, with iBOT also a patch head (or the DINO
         head shared) over the raw backbone's masked patch tokens."""
         head = DINOHead(embed_dim, **head_options)
-        if self.ibot is None:
+        if self.ibot is None and self.gram is None:
             return MultiCropWrapper(features, head, in_chans=in_chans)
-        if self.ibot.head == "shared":
+        if self.ibot is None or self.ibot.head == "shared":  # Gram alone: the patch tokens, no patch head
             return MaskedMultiCropWrapper(backbone, head)
         sizes = {"out_dim": self.ibot.out_dim, "hidden_dim": self.ibot.hidden_dim,
                  "bottleneck_dim": self.ibot.bottleneck_dim}
@@ -242,7 +270,7 @@ class DINO(DINOSteps, nn.Module):
 
     def forward(
         self, views: Sequence[Tensor], epoch: Optional[int] = None, *, teacher_temp: Optional[float] = None,
-        masks: Optional[Tensor] = None,
+        masks: Optional[Tensor] = None, gram_views: Optional[Sequence[Tensor]] = None,
     ) -> Tensor:
         """DINO loss of ``views``.
 
@@ -252,6 +280,8 @@ class DINO(DINOSteps, nn.Module):
             teacher_temp: a temperature for this call instead of the schedule.
             masks: with ``ibot``: (T*B, N) bool masks of the global crops (crop-major, True = masked),
                 best on the CPU; None draws them (:func:`~dino_pytorch.ibot.step_masks`).
+            gram_views: with ``gram``: the Gram teacher's T crops (B, C, H', W'), at ``gram.teacher_scale``
+                times the global size (the augmenters' ``gram_teacher_scale``); None: the global views.
 
         Returns:
             0-dim float32 loss; its parts (detached) are in ``self.loss_parts``.
@@ -264,8 +294,10 @@ class DINO(DINOSteps, nn.Module):
             )
         temp = teacher_temp if teacher_temp is not None else self.criterion.teacher_temp_at(epoch)
         with self.warmup_frozen_backbone():  # the head warm-up: no graph through the backbone
-            if self.ibot is not None:
-                loss, teacher_out, features = self._dino_and_ibot(list(views), epoch, temp, masks)
+            if gram_views is not None and self.gram is None:
+                raise ValueError("gram_views given to a DINO built without gram=; expected gram=GramAnchor(...)")
+            if self.ibot is not None or self.gram is not None:
+                loss, teacher_out, features = self._dino_and_ibot(list(views), epoch, temp, masks, gram_views)
             else:
                 teacher_out = self._teacher_forward(list(views[: self.num_global_views]))
                 loss, features = self._dino_loss(list(views), teacher_out, epoch, teacher_temp)
@@ -297,10 +329,34 @@ class DINO(DINOSteps, nn.Module):
         self.loss_parts = {"dino_loss": loss.detach()}
         return loss, features
 
-    def _dino_and_ibot(self, views: list[Tensor], epoch: Optional[int], temp: float,
-                       masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """DINO + weight * iBOT: ``(loss, teacher logits, student CLS features)``."""
-        config, num_global, batch = cast(IBOTConfig, self.ibot), self.num_global_views, views[0].shape[0]
+    def _dino_and_ibot(self, views: list[Tensor], epoch: Optional[int], temp: float, masks: Optional[Tensor],
+                       gram_views: Optional[Sequence[Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """DINO + weight * iBOT (when on) + weight * Gram (when on): ``(loss, teacher logits, student CLS
+        features)``."""
+        num_global = self.num_global_views
+        index, masks = self._ibot_masks(views, masks)
+        teacher_out, teacher_patch = self._teacher_forward(views[:num_global], num_global, index)
+        student_out, student_patch, features, tokens = self._student_forward(  # distilled: the crops whole, as DINOv3
+            views, num_global, index, masks=masks if self.distill_teacher is None else None, return_backbone_feats=True,
+            return_patch_tokens=True)
+        loss = self.criterion(student_out, teacher_out, epoch, teacher_temp=temp, num_teacher_views=num_global)
+        self.loss_parts = {"dino_loss": loss.detach()}
+        if self.ibot is not None:
+            ibot = self.ibot_loss(student_patch, teacher_patch, masks, epoch, teacher_temp=temp)
+            self.loss_parts["ibot_loss"] = ibot.detach()
+            loss = loss + self.ibot.weight * ibot
+        if self.gram_teacher is not None:
+            gram, parts = self.gram_teacher.loss_term(self.step, self.teacher_backbone, tokens, views[:num_global],
+                                                      gram_views, cast(int, self.patch_size), masks)
+            self.loss_parts.update(parts)
+            loss = loss + gram
+        return loss, teacher_out, features
+
+    def _ibot_masks(self, views: list[Tensor], masks: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """iBOT's ``(masked-patch index (M,), masks (T*B, N))`` on the views' device; (None, None) without iBOT."""
+        if self.ibot is None:
+            return None, None
+        config, num_global, batch = self.ibot, self.num_global_views, views[0].shape[0]
         if masks is None:
             grid = (views[0].shape[-2] // cast(int, self.patch_size), views[0].shape[-1] // cast(int, self.patch_size))
             masks = step_masks(config, grid, batch, num_global, self.step, self._micro_batch,
@@ -308,14 +364,7 @@ class DINO(DINOSteps, nn.Module):
         self._micro_batch += 1
         # The masked patches' indices from CPU masks: no device sync (CUDA masks would sync here).
         index = masks.cpu().flatten().nonzero().squeeze(1).to(views[0].device, non_blocking=True)
-        masks = masks.to(views[0].device, non_blocking=True)
-        teacher_out, teacher_patch = self._teacher_forward(views[:num_global], num_global, index)
-        student_out, student_patch, features = self._student_forward(
-            views, num_global, index, masks=masks, return_backbone_feats=True)
-        dino = self.criterion(student_out, teacher_out, epoch, teacher_temp=temp, num_teacher_views=num_global)
-        ibot = self.ibot_loss(student_patch, teacher_patch, masks, epoch, teacher_temp=temp)
-        self.loss_parts = {"dino_loss": dino.detach(), "ibot_loss": ibot.detach()}
-        return dino + config.weight * ibot, teacher_out, features
+        return index, masks.to(views[0].device, non_blocking=True)
 
     def collapse_metrics(self) -> dict[str, Tensor]:
         """Health of the teacher targets of the last forward (0-dim tensors: read them at log points).

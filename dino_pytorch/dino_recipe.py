@@ -129,6 +129,12 @@ class DINORecipe:
         """
         check_choice("strategy", strategy, ("ddp", "fsdp"))
         if strategy == "fsdp":
+            if getattr(self, "distill_teacher", None) is not None:
+                raise ValueError("strategy='fsdp' with a distillation teacher: the frozen teacher is not sharded; "
+                                 "expected strategy='ddp' (every rank holds the teacher) or no teacher=")
+            if getattr(self, "gram_teacher", None) is not None:
+                raise ValueError("strategy='fsdp' with gram=: the Gram teacher's snapshot is not sharded; expected "
+                                 "strategy='ddp' (every rank holds the snapshot) or no gram=")
             from .fsdp import shard_dino
 
             shard_dino(self, sync_batchnorm=sync_batchnorm, **fsdp_options)
@@ -167,10 +173,14 @@ class DINORecipe:
         self, optimizer: Any, epoch: int, fp16_scaler: Any = None, args: Any = None, **extra: Any
     ) -> dict[str, Any]:
         """The official ``main_dino.py`` checkpoint dict, plus ``step`` and, with iBOT, ``ibot_loss``
-        (its centre; see :meth:`load_official_checkpoint`)."""
+        (its centre), with Gram anchoring ``gram_teacher`` (snapshot and refresh count; see
+        :meth:`load_official_checkpoint`)."""
         ibot_loss = getattr(self, "ibot_loss", None)
         if ibot_loss is not None:
             extra["ibot_loss"] = ibot_loss.state_dict()
+        gram_teacher = getattr(self, "gram_teacher", None)
+        if gram_teacher is not None:
+            extra["gram_teacher"] = gram_teacher.state_dict()
         return make_official_checkpoint(self.student, self.teacher.module, optimizer, epoch, self.criterion,
                                         fp16_scaler, args, step=self.step, **extra)
 
@@ -189,5 +199,11 @@ class DINORecipe:
                 raise KeyError("the checkpoint has no 'ibot_loss' entry (the iBOT centre): it was not saved by a DINO "
                                "with ibot=; expected a checkpoint of the same configuration")
             ibot_loss.load_state_dict(checkpoint["ibot_loss"])
+        gram_teacher = getattr(self, "gram_teacher", None)
+        if gram_teacher is not None:
+            if "gram_teacher" not in checkpoint:
+                raise KeyError("the checkpoint has no 'gram_teacher' entry (the Gram teacher's snapshot): it was not "
+                               "saved by a DINO with gram=; expected a checkpoint of the same configuration")
+            gram_teacher.load_state_dict(checkpoint["gram_teacher"])
         if "step" in checkpoint:
             self.teacher.step = int(checkpoint["step"])

@@ -21,13 +21,16 @@ class DINOSteps(DINORecipe):
 
     ibot: Any
     ibot_loss: Any
+    gram_teacher: Any
     _micro_batch: int
 
     def update_teacher(self, momentum: Optional[float] = None) -> float:
         """Once per optimizer step: EMA of the teacher and the centre update. Returns the momentum.
 
         After a step whose loss was non-finite (any micro-batch, any rank) neither
-        moves: the flag is read on the device, so this adds no host sync.
+        moves: the flag is read on the device, so this adds no host sync. With ``gram``, then the
+        Gram teacher's scheduled refresh (:mod:`~dino_pytorch.gram_anchor`; deferred past a
+        non-finite step, whose flag it reads on the host only when a refresh is due).
         """
         if momentum is None and self.schedules is not None:
             momentum = self.schedules.at(self.step)["momentum"]
@@ -38,7 +41,10 @@ class DINOSteps(DINORecipe):
             loss.nonfinite.close_step(self.step)
             loss.update_center()
         self._micro_batch = 0
-        return self.teacher.update(self.student, momentum=momentum, skip=skip)
+        momentum = self.teacher.update(self.student, momentum=momentum, skip=skip)
+        if self.gram_teacher is not None:  # after the EMA, as DINOv3's update_gram()
+            self.gram_teacher.after_update(self.teacher.module.backbone, self.step, skip)
+        return momentum
 
     def _losses(self) -> list[Any]:
         return [self.criterion] + ([self.ibot_loss] if self.ibot is not None else [])

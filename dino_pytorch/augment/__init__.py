@@ -11,6 +11,8 @@
   ``len(mean)``, the float range) and :func:`stack_images`, which batches images of different sizes.
 * ``draws.py``: the uniform numbers behind the batched parameters (one stream per batch, or one
   seeded stream per image with ``seeds=``) and the crop-box sampler.
+* ``resolution_mix.py``: DINOv3's high-resolution stage, one (global, local, Gram) crop-size triple
+  drawn per batch (:class:`ResolutionMix`), the crops made at it by either augmenter.
 * ``functional.py``: the kernels both use, which draw nothing (``torchvision.transforms.v2.functional``
   style: the classes draw random parameters, the functions compute).
 
@@ -23,6 +25,7 @@ Both augmenters take either ``recipe=`` or the recipe's arguments::
 from .batched import BatchedMultiCrop, ViewParams, multicrop_collate, stack_images
 from .per_image import MultiCropTransform
 from .recipe import IMAGENET_MEAN, IMAGENET_STD, MultiCropRecipe
+from .resolution_mix import MixedResolutionCrops, ResolutionMix, SizeTriple
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -30,6 +33,9 @@ __all__ = [
     "BatchedMultiCrop",
     "MultiCropRecipe",
     "MultiCropTransform",
+    "MixedResolutionCrops",
+    "ResolutionMix",
+    "SizeTriple",
     "ViewParams",
     "multicrop_collate",
     "stack_images",

@@ -46,8 +46,10 @@ from .report_hook import ReportHook
 from .run_control import RunControl
 from .train_checkpoint import Checkpointer, resume_or_start
 from .train_data import TrainData, build_data, make_views
+from .train_distill import distill_teacher_from_flags
 from .train_evals import KnnEvals
 from .train_flags import get_args_parser, ibot_config, resolve_defaults
+from .train_gram import gram_config, split_views
 from .train_report import RunLog, write_pictures
 from .train_sources import OwnDataKnn, open_train_data, own_attention_maps
 
@@ -194,7 +196,7 @@ def build_schedules(args: argparse.Namespace, total_steps: int, warmup_steps: in
     return DINOSchedules.official(
         total_steps, lr=args.lr * global_batch / 256.0, min_lr=args.min_lr, warmup_steps=warmup_steps,
         weight_decay=args.weight_decay, weight_decay_end=args.weight_decay_end,
-        momentum_teacher=args.momentum_teacher)
+        momentum_teacher=args.momentum_teacher, final_momentum=args.final_momentum_teacher)
 
 
 def start_from_weights(dino: DINO, path: str, resume_path: Path, announce: bool) -> None:
@@ -220,6 +222,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     # ---- config ----------------------------------------------------------------------------------
     args = get_args_parser().parse_args(argv)
     rank, world_size, device = init_distributed(args)
+    teacher = distill_teacher_from_flags(args, announce=rank == 0)  # sets --out_dim before the checks use it
     resolve_defaults(args, device, announce=rank == 0)
     is_main = rank == 0
     out = output_dir(args.output_dir) if is_main else Path(args.output_dir)
@@ -243,7 +246,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 schedules=build_schedules(args, total_steps, warmup_steps, world_size),
                 koleo_weight=args.koleo_weight, fused_head_loss=args.fused_head_loss, centering=args.centering,
                 ibot=ibot_config(args), head_warmup_steps=args.head_warmup_steps,
-                backbone_lr_scale=args.backbone_lr_scale).to(device)
+                backbone_lr_scale=args.backbone_lr_scale, teacher=teacher, gram=gram_config(args)).to(device)
     config["head"] = dict(in_dim=dino.student.head.in_dim, nlayers=3, **head)
     if args.pretrained_weights:  # a resume restores everything from its own checkpoint instead
         start_from_weights(dino, args.pretrained_weights, out / ("checkpoint" if args.fsdp else "checkpoint.pth"),
@@ -369,11 +372,11 @@ class TrainLoop:
         for micro in range(args.grad_accum_steps):
             images, _, keys, *replaced = next(batches)  # keys: the samples' global indices, epoch * N + index
             self.data.replaced.add(replaced)  # own data: the undecodable files these items stood in for
-            views = make_views(images, self.data.augment_on_device, args, step, micro, self.rank, self.device,
-                               keys=keys)
+            views, gram_views = split_views(make_views(images, self.data.augment_on_device, args, step, micro,
+                                                       self.rank, self.device, keys=keys), args)
             torch.manual_seed(model_seed(args.seed, step, micro, self.rank))  # drop path: no RNG history
             with dino.no_sync(micro < args.grad_accum_steps - 1), autocast(args.precision, self.device):
-                loss = dino(views, epoch) / args.grad_accum_steps
+                loss = dino(views, epoch, gram_views=gram_views) / args.grad_accum_steps
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
         # The official first-epochs freeze of the prototypes, counted from the end of a head warm-up.

@@ -33,7 +33,7 @@ from .train_flags import check_resume_fits
 SCHEDULE_FLAGS = ("max_steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "min_lr", "weight_decay",
                   "weight_decay_end", "momentum_teacher", "teacher_temp", "warmup_teacher_temp",
                   "warmup_teacher_temp_epochs", "freeze_last_layer", "batch_size_per_gpu", "grad_accum_steps",
-                  "head_warmup_steps", "backbone_lr_scale")
+                  "head_warmup_steps", "backbone_lr_scale", "final_momentum_teacher")
 STALE_TEMP_GLOB = ".checkpoint*.pth.tmp-*"  # save_checkpoint's temporary files, left by a kill mid-save
 
 

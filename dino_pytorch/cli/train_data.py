@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ._setup import UsageError
 from .train_gram import gram_teacher_scale
+from .train_resolution import MixedResolutionCrops, mixed_resolution_loader, resolution_mix
 from .train_sources import ReplacedFiles, TrainSource
 
 if TYPE_CHECKING:
@@ -70,15 +71,19 @@ def build_data(args: argparse.Namespace, source: TrainSource, rank: int, world_s
         raise UsageError(f"--mean / --std of {len(source.mean)} channels: the multi-crop recipe refuses them: "
                          f"{err}") from None
     base = source.dataset
-    on_device = BatchedMultiCrop(recipe=recipe) if args.augment == "batched" else None
+    on_device: Optional[nn.Module] = BatchedMultiCrop(recipe=recipe) if args.augment == "batched" else None
     # Items are (views or raw image, label, key[, replaced]): the key, the sample's global index
     # epoch * N + index, seeds the batched augmenter per sample in make_views, as it seeds the per-image one here.
     dataset = SeededTransform(base, MultiCropTransform(recipe=recipe) if on_device is None else None,
                               seed=args.seed, return_key=True)
     sampler = ResumableSampler(len(dataset), args.batch_size_per_gpu, seed=args.seed, rank=rank, world_size=world_size)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=args.num_workers > 0, worker_init_fn=quiet_stop_signals)
+    options = dict(num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                   persistent_workers=args.num_workers > 0, worker_init_fn=quiet_stop_signals)
+    mix = resolution_mix(args)  # DINOv3's high-resolution stage: each batch at one drawn crop-size triple
+    if mix is not None:
+        loader, on_device = mixed_resolution_loader(args, mix, recipe, base, sampler, options)
+    else:
+        loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, drop_last=True, **options)
     return TrainData(loader, sampler, on_device, ReplacedFiles(rank == 0))
 
 
@@ -93,6 +98,8 @@ def make_views(images: Any, augment_on_device: Any, args: argparse.Namespace, st
     1-process run with 2B see the same views.  Without ``keys`` it falls back to one stream per
     (step, micro-batch, rank), which does depend on the rank.
     """
+    if isinstance(augment_on_device, MixedResolutionCrops):  # the high-resolution stage: this batch's sizes
+        augment_on_device = augment_on_device.at(step, micro)
     if augment_on_device is not None:
         if keys is not None:
             from ..datasets import sample_seeds

@@ -24,6 +24,8 @@ from ._setup import (
     check_flags,
     image_channels,
 )
+from .train_gram import GRAM_FLAG_RULES, add_gram_args, check_gram_flags
+from .train_resolution import RESOLUTION_FLAG_RULES, add_resolution_args, check_resolution_flags
 
 DESCRIPTION = """Train DINO: the library's three-line DINO plus a loop.
 
@@ -38,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- official flags, official defaults ---
     add_model_args(p, training=True)
-    p.add_argument("--out_dim", default=65536, type=int)
+    p.add_argument("--out_dim", default=None, type=int, help="prototypes (default: 65536, or the --distill_from "
+                   "teacher's)")
     p.add_argument("--norm_last_layer", default=True, type=bool_flag)
     p.add_argument("--momentum_teacher", default=0.996, type=float)
     p.add_argument("--use_bn_in_head", default=False, type=bool_flag)
@@ -81,18 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels_last", action="store_true",
                    help="NHWC conv weights and views (oneDNN's faster CPU kernels); measured on the "
                         "Fashion-MNIST ConvNet: 0.45 -> 0.37 s per step, 0.30 s with --precision bf16")
-    p.add_argument("--grad_accum_steps", default=1, type=int)
-    p.add_argument("--max_steps", default=None, type=int,
-                   help="total optimizer steps; the schedules then span exactly these steps")
-    p.add_argument("--warmup_steps", default=None, type=int,
-                   help="linear lr warm-up in steps (overrides --warmup_epochs)")
-    p.add_argument("--time_budget_min", default=None, type=float, help="stop (and checkpoint) after this long")
-    p.add_argument("--knn_every", default=0, type=int, help="k-NN evaluation every N steps (0: only at the end)")
-    p.add_argument("--knn_train_subset", default=None, type=int, help="periodic k-NN on the first N train images")
-    p.add_argument("--knn_test_subset", default=None, type=int, help="periodic k-NN on the first N test images")
-    p.add_argument("--no_final_knn", action="store_true")
-    p.add_argument("--log_every", default=10, type=int)
-    p.add_argument("--save_every_steps", default=0, type=int, help="also checkpoint every N steps")
+    add_loop_args(p)
     p.add_argument("--augment", default=None, choices=["per_image", "batched"],
                    help="per_image: MultiCropTransform in the workers (official); batched: BatchedMultiCrop "
                         "on the device. Default: batched for fashion_mnist, per_image otherwise")
@@ -109,10 +101,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_schedule_change", action="store_true",
                    help="resume even if the flags that define the schedules differ from the checkpoint's")
     add_dinov2_args(p)
+    add_gram_args(p)
+    add_resolution_args(p)
     add_weights_args(p)
     add_scale_args(p)
     add_debug_flag(p)
     return p
+
+
+def add_loop_args(p: argparse.ArgumentParser) -> None:
+    """The loop's length, evaluations and saves (ours, not official)."""
+    p.add_argument("--grad_accum_steps", default=1, type=int)
+    p.add_argument("--max_steps", default=None, type=int,
+                   help="total optimizer steps; the schedules then span exactly these steps")
+    p.add_argument("--warmup_steps", default=None, type=int,
+                   help="linear lr warm-up in steps (overrides --warmup_epochs)")
+    p.add_argument("--time_budget_min", default=None, type=float, help="stop (and checkpoint) after this long")
+    p.add_argument("--knn_every", default=0, type=int, help="k-NN evaluation every N steps (0: only at the end)")
+    p.add_argument("--knn_train_subset", default=None, type=int, help="periodic k-NN on the first N train images")
+    p.add_argument("--knn_test_subset", default=None, type=int, help="periodic k-NN on the first N test images")
+    p.add_argument("--no_final_knn", action="store_true")
+    p.add_argument("--log_every", default=10, type=int)
+    p.add_argument("--save_every_steps", default=0, type=int, help="also checkpoint every N steps")
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:
@@ -165,6 +175,10 @@ def add_weights_args(p: argparse.ArgumentParser) -> None:
                    help="initialise student and teacher from an official DINO checkpoint or backbone, a DINOv2 "
                         "file, a torchvision / timm state_dict or a dino-train checkpoint (heads too when it has "
                         "fitting ones); RGB weights are adapted to the model's channels; ignored on a resume")
+    g.add_argument("--distill_from", default=None, type=str, metavar="CHECKPOINT",
+                   help="distil from this dino-train checkpoint's teacher, frozen (DINOv3): it gives the targets, "
+                        "the student (--arch, any size) matches its prototype counts, and the saved and evaluated "
+                        "network is the EMA of the student (docs/dinov3.md)")
     g.add_argument("--head_warmup_steps", default=0, type=int, metavar="N",
                    help="freeze the backbone for the first N steps while the heads learn (fresh heads would "
                         "otherwise wreck pretrained weights); --freeze_last_layer counts from its end")
@@ -226,7 +240,7 @@ FLAG_RULES = dict(
     momentum_teacher="[0,1]", drop_path_rate="[0,1)", global_crops_scale="(0,1]", local_crops_scale="(0,1]",
     output_dir="outdir", ibot_weight=">=0", ibot_out_dim="int>=1", mask_probability="[0,1]", mask_ratio="[0,1]",
     num_register_tokens="int>=0", layerscale=">0", in_chans="int>=1", file_list="file",
-    pretrained_weights="file", head_warmup_steps="int>=0", backbone_lr_scale=">=0",
+    pretrained_weights="file", distill_from="file", head_warmup_steps="int>=0", backbone_lr_scale=">=0",
 )
 IBOT_ONLY_FLAGS = ("ibot_head", "ibot_out_dim", "mask_probability", "mask_ratio")
 
@@ -237,7 +251,8 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: b
     small = args.dataset == "fashion_mnist"
     if small and args.file_list:
         raise UsageError(f"--file_list {args.file_list!r} with --dataset fashion_mnist: expected one or the other")
-    check_flags(args, **FLAG_RULES, **({} if small or args.file_list else {"data_path": "dir"}))
+    check_flags(args, **FLAG_RULES, **GRAM_FLAG_RULES, **RESOLUTION_FLAG_RULES,
+                **({} if small or args.file_list else {"data_path": "dir"}))
     args.global_crop_size = args.global_crop_size or (28 if small else 224)
     args.local_crop_size = args.local_crop_size or (16 if small else 96)
     args.augment = args.augment or ("batched" if small else "per_image")
@@ -252,6 +267,8 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, announce: b
     if args.augment == "batched" and not small:
         raise UsageError("--augment batched needs equal-size uint8 images: use it with --dataset fashion_mnist")
     check_dinov2_flags(args)
+    check_resolution_flags(args)  # before the Gram defaults: it names a --gram_teacher_scale given
+    check_gram_flags(args)
     if small and args.in_chans is None:  # the data's default; own data: read off the files later
         args.in_chans = image_channels(args.dataset, args.arch)
     # args.in_chans is checked against the data by train_sources.open_train_data.
@@ -285,8 +302,8 @@ def check_dinov2_flags(args: argparse.Namespace) -> None:
     if args.ibot_head == "shared" and args.ibot_out_dim not in (None, args.out_dim):
         raise UsageError(f"--ibot_out_dim {args.ibot_out_dim} with --ibot_head shared: the shared head has "
                          f"--out_dim {args.out_dim} prototypes; drop --ibot_out_dim or use --ibot_head separate")
-    if dinov2:
-        for name in ("global_crop_size", "local_crop_size"):
+    if dinov2:  # the high-resolution stage checks its own local sizes (--local_crop_sizes)
+        for name in ("global_crop_size",) + (("local_crop_size",) if args.local_crop_sizes is None else ()):
             if getattr(args, name) % args.patch_size:
                 raise UsageError(f"--{name} {getattr(args, name)}: not a multiple of --patch_size {args.patch_size}; "
                                  f"{args.arch} takes whole patches")
