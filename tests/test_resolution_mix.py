@@ -26,6 +26,7 @@ from dino_pytorch.cli import train
 from dino_pytorch.datasets import SeededTransform, sample_seeds
 from dino_pytorch.models import dinov2_vit_small, vit_tiny
 from dino_pytorch.sampler import ResumableSampler
+from train_cases import in_process_usage_error as one_line_error
 
 # DINOv3's high_res_adapt mix (512/768 global, 1.5x Gram crops, its ratios) at 7-px patches and 28/42 px.
 MIX = ResolutionMix([28, 42, 42, 42, 42], [14, 14, 21, 28, 35], [0.3, 0.3, 0.3, 0.05, 0.05],
@@ -164,12 +165,6 @@ BASE = ["--dataset", "fashion_mnist", "--arch", "vit_tiny", "--patch_size", "7",
         "--knn_every", "0", "--no_progress", "--attention_maps", "0", "--device", "cpu", "--drop_path_rate", "0"]
 
 
-def one_line_error(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("dino-train: error: "), err
-    return err
 
 
 @pytest.mark.parametrize("flags, message", [

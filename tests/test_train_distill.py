@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dino_pytorch.cli import train
+from train_cases import in_process_usage_error as one_line_error
 from train_cases import load
 
 BASE = ["--dataset", "fashion_mnist", "--arch", "convnet", "--hidden_dim", "16", "--bottleneck_dim", "8",
@@ -14,12 +15,6 @@ BASE = ["--dataset", "fashion_mnist", "--arch", "convnet", "--hidden_dim", "16",
         "--knn_every", "0"]
 
 
-def one_line_error(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("dino-train: error: "), err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from dino_pytorch.cli import train
 from dino_pytorch.models import vit_tiny
 from train_cases import ROOT, load, run
+from train_cases import in_process_usage_error as one_line_error
 
 ERRORS_BASE = ["--dataset", "fashion_mnist", "--arch", "convnet", "--width", "4", "--out_dim", "16",
                "--hidden_dim", "16", "--bottleneck_dim", "8", "--batch_size_per_gpu", "8", "--local_crops_number",
@@ -17,12 +17,6 @@ ERRORS_BASE = ["--dataset", "fashion_mnist", "--arch", "convnet", "--width", "4"
                "--attention_maps", "0", "--device", "cpu"]
 
 
-def one_line_error(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("dino-train: error: "), err
-    return err
 
 
 def test_flag_errors_are_one_line(tmp_path, capsys):

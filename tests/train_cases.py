@@ -34,3 +34,17 @@ def run(args, env=None, module=("-m", "dino_pytorch.train"), launcher=None, chec
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def in_process_usage_error(argv, capsys):
+    """dino-train run in this process with ``argv``: asserts it exits 2 with one ``dino-train: error:``
+    line on stderr, and returns that line."""
+    import pytest
+
+    from dino_pytorch.cli import train
+
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("dino-train: error: "), err
+    return err

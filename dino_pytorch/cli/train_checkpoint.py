@@ -110,27 +110,30 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
 
 
+def _check_same_part(ckpt: Mapping[str, Any], path: Path, entry: str, part: str, flag: str,
+                     now: Optional[str]) -> None:
+    """``part`` on in both runs or in neither: the checkpoint holds ``entry`` only with it; ``now`` is
+    this run's value of ``--flag`` (None: off)."""
+    if (entry in ckpt) == (now is not None):
+        return
+    saved = (ckpt.get("args") or {}).get(flag)
+    then = f"with {part} (--{flag} {saved})" if entry in ckpt else f"without {part}"
+    raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has --{flag} {now or 0}. "
+                     "Pass the flags it was trained with, or another --output_dir (or move the file away) to "
+                     "start afresh")
+
+
 def check_same_ibot(ckpt: Mapping[str, Any], dino: DINO, path: Path) -> None:
     """iBOT on in both runs or in neither (the iBOT centre, ``ibot_loss``, is saved only with it): with a
     shared patch head the networks alone would not tell."""
-    if ("ibot_loss" in ckpt) == (dino.ibot is not None):
-        return
-    saved = (ckpt.get("args") or {}).get("ibot_weight")
-    then = f"with iBOT (--ibot_weight {saved})" if "ibot_loss" in ckpt else "without iBOT"
-    now = f"--ibot_weight {dino.ibot.weight}" if dino.ibot is not None else "--ibot_weight 0"
-    raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has {now}. Pass the flags it "
-                     "was trained with, or another --output_dir (or move the file away) to start afresh")
+    _check_same_part(ckpt, path, "ibot_loss", "iBOT", "ibot_weight",
+                     None if dino.ibot is None else str(dino.ibot.weight))
 
 
 def check_same_gram(ckpt: Mapping[str, Any], dino: DINO, path: Path) -> None:
     """Gram anchoring on in both runs or in neither (its snapshot, ``gram_teacher``, is saved only with it)."""
-    if ("gram_teacher" in ckpt) == (dino.gram is not None):
-        return
-    saved = (ckpt.get("args") or {}).get("gram_weight")
-    then = f"with Gram anchoring (--gram_weight {saved})" if "gram_teacher" in ckpt else "without Gram anchoring"
-    now = "--gram_weight 0" if dino.gram is None else "--gram_weight > 0"
-    raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has {now}. Pass the flags it "
-                     "was trained with, or another --output_dir (or move the file away) to start afresh")
+    _check_same_part(ckpt, path, "gram_teacher", "Gram anchoring", "gram_weight",
+                     None if dino.gram is None else "> 0")
 
 
 class Checkpointer:
