@@ -174,13 +174,17 @@ class DINORecipe:
     ) -> dict[str, Any]:
         """The official ``main_dino.py`` checkpoint dict, plus ``step`` and, with iBOT, ``ibot_loss``
         (its centre), with Gram anchoring ``gram_teacher`` (snapshot and refresh count; see
-        :meth:`load_official_checkpoint`)."""
+        :meth:`load_official_checkpoint`), when distilling ``distill_teacher_fingerprint``
+        (:meth:`~dino_pytorch.distill.FrozenTeacher.fingerprint`)."""
         ibot_loss = getattr(self, "ibot_loss", None)
         if ibot_loss is not None:
             extra["ibot_loss"] = ibot_loss.state_dict()
         gram_teacher = getattr(self, "gram_teacher", None)
         if gram_teacher is not None:
             extra["gram_teacher"] = gram_teacher.state_dict()
+        distill_teacher = getattr(self, "distill_teacher", None)
+        if distill_teacher is not None:  # the teacher itself is not saved: it is rebuilt from its own file
+            extra["distill_teacher_fingerprint"] = distill_teacher.fingerprint()
         return make_official_checkpoint(self.student, self.teacher.module, optimizer, epoch, self.criterion,
                                         fp16_scaler, args, step=self.step, **extra)
 

@@ -15,6 +15,7 @@ needs nothing else. Its cost is one more network in memory.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union, cast
@@ -69,6 +70,20 @@ class FrozenTeacher(nn.Module):
             return None
         head = self.module.head if self.module.patch_head is None else self.module.patch_head
         return cast(DINOHead, head).out_dim
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of the teacher's names, shapes, dtypes and values (buffers included): what a
+        resume compares to be sure the targets come from the same network. Computed once (the
+        teacher never changes); hashing reads every parameter, a second per ~GB."""
+        cached: Optional[str] = getattr(self, "_fingerprint", None)
+        if cached is None:
+            digest = hashlib.sha256()
+            for name, value in self.module.state_dict().items():
+                value = value.detach().cpu().contiguous()
+                digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+                digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+            cached = self._fingerprint = digest.hexdigest()
+        return cached
 
     def forward(self, views: list[Tensor], *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():

@@ -181,3 +181,21 @@ def test_mismatches_are_one_line_errors():
         student(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"strategy='fsdp' with a distillation teacher"):
         student(teacher).distribute(strategy="fsdp")
+
+
+def test_the_fingerprint_names_the_weights_in_any_dtype():
+    """Equal for copies, different when one value, one name or the dtype differs; stable while training."""
+    teacher = trained_teacher(ibot=False, steps=0)
+    first = FrozenTeacher(copy.deepcopy(teacher.teacher.module))
+    assert first.fingerprint() == FrozenTeacher(copy.deepcopy(teacher.teacher.module)).fingerprint()
+    changed = copy.deepcopy(teacher.teacher.module)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-6
+    assert FrozenTeacher(changed).fingerprint() != first.fingerprint()
+    as_bf16 = FrozenTeacher(copy.deepcopy(teacher.teacher.module).to(torch.bfloat16))
+    assert as_bf16.fingerprint() not in (first.fingerprint(), None)
+    dino = student(teacher, ibot=False)
+    before = dino.distill_teacher.fingerprint()
+    train(dino, 2)
+    del dino.distill_teacher._fingerprint  # recomputed from the weights after training: the same
+    assert dino.distill_teacher.fingerprint() == before == first.fingerprint()

@@ -48,3 +48,31 @@ def test_flag_errors_are_one_line(tmp_path, teacher_run, capsys):
     torch.save({"stem.0.weight": torch.zeros(1)}, weights)
     err = one_line_error([*base, "--distill_from", str(weights)], capsys)
     assert f"--distill_from {weights}: " in err and "expected a dino-train checkpoint" in err
+
+
+def test_a_resume_keeps_its_teacher(tmp_path, teacher_run, capsys):
+    """The teacher is rebuilt from --distill_from on a resume: the same weights (the file may move) are
+    taken, other weights or none are refused, and a plain run does not turn into a distilled one."""
+    out = tmp_path / "run"
+    student = [*BASE, "--width", "4", "--out_dim", "32", "--output_dir", str(out)]
+    assert train.main([*student, "--distill_from", str(teacher_run)]) == 0
+    assert isinstance(load(out / "checkpoint.pth")["distill_teacher_fingerprint"], str)
+    moved, other = tmp_path / "moved.pth", tmp_path / "other.pth"
+    moved.write_bytes(teacher_run.read_bytes())
+    capsys.readouterr()
+    assert train.main([*student, "--distill_from", str(moved), "--max_steps", "3",
+                       "--allow_schedule_change"]) == 0
+    assert load(out / "checkpoint.pth")["step"] == 3
+    changed = load(teacher_run)
+    changed["teacher"]["head.last_layer.weight_g"] = changed["teacher"]["head.last_layer.weight_g"] * 2
+    torch.save(changed, other)
+    capsys.readouterr()  # the resumed run's own warnings
+    err = one_line_error([*student, "--distill_from", str(other)], capsys)
+    assert f"it was distilled from another teacher (--distill_from {moved}, whose weights differ" in err
+    err = one_line_error(student, capsys)
+    assert f"it was trained with distillation (--distill_from {moved}), and this run has no --distill_from" in err
+    plain = [*BASE, "--width", "4", "--out_dim", "32", "--output_dir", str(tmp_path / "plain")]
+    assert train.main(plain) == 0
+    capsys.readouterr()
+    err = one_line_error([*plain, "--distill_from", str(teacher_run)], capsys)
+    assert f"it was trained without distillation, and this run has --distill_from {teacher_run}" in err

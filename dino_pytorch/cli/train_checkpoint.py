@@ -91,6 +91,7 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
     check_resume_fits(ckpt, dino.student, path)  # another width or head: one line, not a traceback
     check_same_ibot(ckpt, dino, path)
     check_same_gram(ckpt, dino, path)
+    check_same_teacher(ckpt, dino, path, getattr(args, "distill_from", None))
     for entry in ("student", "teacher", "dino_loss", "ibot_loss", "gram_teacher", "optimizer", "fp16_scaler"):
         bad = first_non_finite(ckpt.get(entry, {}), entry)
         if bad is not None:
@@ -111,14 +112,15 @@ def resume(path: Path, dino: DINO, optimizer: torch.optim.Optimizer, scaler: Any
 
 
 def _check_same_part(ckpt: Mapping[str, Any], path: Path, entry: str, part: str, flag: str,
-                     now: Optional[str]) -> None:
+                     now: Optional[str], off: str = "0") -> None:
     """``part`` on in both runs or in neither: the checkpoint holds ``entry`` only with it; ``now`` is
-    this run's value of ``--flag`` (None: off)."""
+    this run's value of ``--flag`` (None: off, the flag's value ``off``, or absent when empty)."""
     if (entry in ckpt) == (now is not None):
         return
     saved = (ckpt.get("args") or {}).get(flag)
     then = f"with {part} (--{flag} {saved})" if entry in ckpt else f"without {part}"
-    raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has --{flag} {now or 0}. "
+    has = f"--{flag} {now}" if now is not None else (f"--{flag} {off}" if off else f"no --{flag}")
+    raise UsageError(f"cannot resume from {path}: it was trained {then}, and this run has {has}. "
                      "Pass the flags it was trained with, or another --output_dir (or move the file away) to "
                      "start afresh")
 
@@ -134,6 +136,22 @@ def check_same_gram(ckpt: Mapping[str, Any], dino: DINO, path: Path) -> None:
     """Gram anchoring on in both runs or in neither (its snapshot, ``gram_teacher``, is saved only with it)."""
     _check_same_part(ckpt, path, "gram_teacher", "Gram anchoring", "gram_weight",
                      None if dino.gram is None else "> 0")
+
+
+def check_same_teacher(ckpt: Mapping[str, Any], dino: DINO, path: Path, distill_from: Optional[str]) -> None:
+    """A distilled run resumes from the teacher it was distilled from, compared by fingerprint (the
+    file may have moved), and a plain run stays plain. A distilled file from before fingerprints were
+    saved is taken as it is."""
+    teacher, saved = dino.distill_teacher, ckpt.get("distill_teacher_fingerprint")
+    if saved is None and teacher is not None and (ckpt.get("args") or {}).get("distill_from"):
+        return
+    _check_same_part(ckpt, path, "distill_teacher_fingerprint", "distillation", "distill_from", distill_from,
+                     off="")
+    if teacher is not None and saved is not None and saved != teacher.fingerprint():
+        then = (ckpt.get("args") or {}).get("distill_from")
+        raise UsageError(f"cannot resume from {path}: it was distilled from another teacher (--distill_from "
+                         f"{then}, whose weights differ from those of --distill_from {distill_from}). Pass that "
+                         "teacher, or another --output_dir to start afresh")
 
 
 class Checkpointer:
