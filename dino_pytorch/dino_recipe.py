@@ -144,9 +144,8 @@ class DINORecipe:
                             "expected strategy='fsdp' with them")
         if sync_batchnorm:
             convert_sync_batchnorm_(self)
-        # A head warm-up's frozen backbone takes no part in the backward: DDP must look for such parameters.
         ddp = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids,
-                                                  find_unused_parameters=self.head_warmup_steps > 0)
+                                                  find_unused_parameters=self._has_unused_parameters())
         object.__setattr__(self, "_student_forward", ddp)
         return self
 
@@ -169,6 +168,15 @@ class DINORecipe:
         return self
 
     # -- resume in the official file layout ---------------------------------------------------------
+    def _has_unused_parameters(self) -> bool:
+        """Whether some student parameters take no part in a backward, which DDP must then look for
+        (a cost each step, so only then): a head warm-up's frozen backbone, or a masked ViT's
+        ``mask_token`` when the student never gets masks (no iBOT, or distilling: DINOv3's student
+        sees its crops whole)."""
+        no_masks = getattr(self, "ibot", None) is None or getattr(self, "distill_teacher", None) is not None
+        has_mask_token = any(name.endswith("mask_token") for name, _ in self.student.named_parameters())
+        return self.head_warmup_steps > 0 or (no_masks and has_mask_token)
+
     def official_checkpoint(
         self, optimizer: Any, epoch: int, fp16_scaler: Any = None, args: Any = None, **extra: Any
     ) -> dict[str, Any]:
