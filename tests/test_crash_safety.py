@@ -259,8 +259,10 @@ def test_a_second_signal_acts_at_once():
     before = signal.getsignal(signal.SIGINT)
     control = RunControl(args, 1, torch.device("cpu"))  # type: ignore[arg-type]
     try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
+        signal.raise_signal(signal.SIGINT)  # to this (the main) thread, whatever other threads there are
+        deadline = time.monotonic() + 10  # the handler runs at the next check: wait for it, on a busy machine too
+        while not control.signal and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert control.poll(7) and control.exit_code == 130 and control.stop_reason == "SIGINT received"
         assert signal.getsignal(signal.SIGINT) is before  # the next Ctrl-C interrupts at once
     finally:
