@@ -256,15 +256,20 @@ def test_a_second_signal_acts_at_once():
     from dino_pytorch.cli.run_control import RunControl
 
     args = SimpleNamespace(save_every_min=0, time_budget_min=None)
-    before = signal.getsignal(signal.SIGINT)
-    control = RunControl(args, 1, torch.device("cpu"))  # type: ignore[arg-type]
+    # A suite started in the background (`make test &`) inherits SIGINT ignored, which RunControl rightly
+    # leaves alone: give this test Python's own Ctrl-C handler.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        signal.raise_signal(signal.SIGINT)  # to this (the main) thread, whatever other threads there are
-        deadline = time.monotonic() + 10  # the handler runs at the next check: wait for it, on a busy machine too
-        while not control.signal and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert control.poll(7) and control.exit_code == 130 and control.stop_reason == "SIGINT received"
-        assert signal.getsignal(signal.SIGINT) is before  # the next Ctrl-C interrupts at once
+        control = RunControl(args, 1, torch.device("cpu"))  # type: ignore[arg-type]
+        try:
+            signal.raise_signal(signal.SIGINT)  # to this (the main) thread, whatever other threads there are
+            deadline = time.monotonic() + 10  # the handler runs at the next check: wait for it on a busy machine
+            while not control.signal and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert control.poll(7) and control.exit_code == 130 and control.stop_reason == "SIGINT received"
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the next Ctrl-C acts at once
+        finally:
+            control.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        control.close()
-    assert signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGINT, inherited)
