@@ -66,11 +66,18 @@ def assert_bitwise_equal(a, b):
             assert torch.equal(sa[i][entry], sb[i][entry]), f"optimizer.state[{i}].{entry} differs"
 
 
+def sigint_as_python_sets_it():
+    """A suite started in the background (`make test &`) would hand its runs SIGINT ignored, which
+    dino-train rightly leaves alone: give each run the default, as a terminal does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def signal_after_steps(args, sig, steps, to_group=False):
     """Start a run, send ``sig`` (to its whole process group: DataLoader workers too, as Slurm and a
     terminal do) once it has logged ``steps`` steps; (exit status, output)."""
     proc = subprocess.Popen([*TRAIN, *map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=to_group)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=to_group,
+                            preexec_fn=sigint_as_python_sets_it)
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -133,7 +140,7 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tmp_path
                 "-m", "dino_pytorch.train")
     proc = subprocess.Popen([*launcher, *SMALL, "--batch_size_per_gpu", "8", "--max_steps", "200",
                              "--output_dir", str(tmp_path)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_as_python_sets_it)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("{") and json.loads(line).get("step", 0) >= 2:
