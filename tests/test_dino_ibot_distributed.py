@@ -13,17 +13,13 @@ off: its nearest neighbours are per rank by definition (as in DINOv2).
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dino_pytorch import DINO
 from dino_pytorch.ibot import IBOTConfig
 from dino_pytorch.models import dinov2_vit_small
+from gloo_ranks import results_of_ranks
 
 B, WORLD, STEPS = 4, 2, 3
 TOLERANCE = 1e-5
@@ -65,21 +61,9 @@ def train(centering: str, rank: int = 0, world: int = 1) -> dict:
             "center": dino.criterion.center.clone(), "ibot_center": dino.ibot_loss.center.clone(), "parts": parts}
 
 
-def worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {centering: train(centering, rank, WORLD) for centering in CENTERINGS}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    return results_of_ranks(train, CENTERINGS, WORLD)
 
 
 @pytest.mark.slow

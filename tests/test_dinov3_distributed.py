@@ -13,17 +13,13 @@ after a few SGD steps; only the order of float sums differs.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dino_pytorch import DINO, GramAnchor
 from dino_pytorch.ibot import IBOTConfig
 from dino_pytorch.models import dinov2_vit_small
+from gloo_ranks import results_of_ranks
 
 B, WORLD, STEPS = 4, 2, 3
 TOLERANCE = 1e-5
@@ -84,20 +80,9 @@ def train(case: str, rank: int = 0, world: int = 1) -> dict:
     return states
 
 
-def worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.save({case: train(case, rank, WORLD) for case in CASES}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    return results_of_ranks(train, CASES, WORLD)
 
 
 @pytest.mark.slow
