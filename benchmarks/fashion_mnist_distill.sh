@@ -30,6 +30,8 @@ export OMP_NUM_THREADS=1
     > "$OUT.plain.log" 2>&1 &
 wait
 unset OMP_NUM_THREADS
-for ckpt in "$TEACHER" "$OUT/distilled/checkpoint.pth" "$OUT/plain/checkpoint.pth"; do
+# The students' CLS and mean-patch 20-NN (the teacher's CLS 20-NN is in its own run's summary.json;
+# patch_token_knn.py reads DINOv2-class ViTs, which a vit_tiny teacher is not).
+for ckpt in "$OUT/distilled/checkpoint.pth" "$OUT/plain/checkpoint.pth"; do
     .venv/bin/python benchmarks/patch_token_knn.py "$ckpt"
 done
