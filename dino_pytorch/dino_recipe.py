@@ -167,7 +167,6 @@ class DINORecipe:
         object.__setattr__(self, "_teacher_forward", torch.compile(self._teacher_forward, **compile_kwargs))
         return self
 
-    # -- resume in the official file layout ---------------------------------------------------------
     def _has_unused_parameters(self) -> bool:
         """Whether some student parameters take no part in a backward, which DDP must then look for
         (a cost each step, so only then): a head warm-up's frozen backbone, or a masked ViT's
@@ -177,6 +176,7 @@ class DINORecipe:
         has_mask_token = any(name.endswith("mask_token") for name, _ in self.student.named_parameters())
         return self.head_warmup_steps > 0 or (no_masks and has_mask_token)
 
+    # -- resume in the official file layout ---------------------------------------------------------
     def official_checkpoint(
         self, optimizer: Any, epoch: int, fp16_scaler: Any = None, args: Any = None, **extra: Any
     ) -> dict[str, Any]:
